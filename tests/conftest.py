@@ -1,0 +1,50 @@
+"""Session fixtures: the chain's artifacts are made once per test run and shared.
+
+Export and compile are resumable (a piece whose inputs did not change is kept), so the cache
+under build/test-cache also survives between runs on one machine; a fresh clone builds it anew.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mllama_tpu import REPO_ROOT
+
+TINY_MODEL = REPO_ROOT / "assets" / "tiny-mllama"
+CACHE = REPO_ROOT / "build" / "test-cache"
+TEST_SEQ_LENGTH = 128
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def test_seq_length() -> int:
+    return TEST_SEQ_LENGTH
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tiny_model_dir: Path) -> Path:
+    from mllama_tpu.export import export_model
+
+    out = CACHE / "onnx-tiny"
+    export_model(tiny_model_dir, out, TEST_SEQ_LENGTH)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bmodel(tiny_onnx_dir: Path):
+    """Factory: tiny_bmodel("f32") -> path of the tiny model compiled in that mode (once per run)."""
+    from mllama_tpu.compile import compile_model
+
+    made: dict[str, Path] = {}
+
+    def get(mode: str) -> Path:
+        if mode not in made:
+            made[mode] = compile_model(tiny_onnx_dir, mode, "tiny", TEST_SEQ_LENGTH, CACHE / f"bmodel-{mode}")
+        return made[mode]
+
+    return get
