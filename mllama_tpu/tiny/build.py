@@ -1,0 +1,71 @@
+"""Writes a complete HF model directory (config, weights, tokenizer, processor) for the tiny model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor
+
+from mllama_tpu.tiny import tokenizer as tok
+from mllama_tpu.tiny.config import MAX_TILES, TILE_SIZE, build_config
+
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_processor() -> MllamaProcessor:
+    # The PIL image processor: the default (torchvision) one needs torchvision, which the project
+    # does not install; the saved preprocessor_config.json names this class so AutoProcessor
+    # picks it too.
+    image_processor = MllamaImageProcessorPil(
+        size={"height": TILE_SIZE, "width": TILE_SIZE},
+        max_image_tiles=MAX_TILES,
+        image_mean=CLIP_MEAN,  # the normalisation Llama-3.2-Vision's processor uses
+        image_std=CLIP_STD,
+    )
+    return MllamaProcessor(image_processor, tok.build_tokenizer(), chat_template=tok.CHAT_TEMPLATE)
+
+
+def new_model(seed: int) -> MllamaForConditionalGeneration:
+    """A randomly initialised model. Every tanh gate is set nonzero: transformers initialises them
+    to 0, which would cut the image path and hide errors in it (export parity tests use this)."""
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(build_config())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate") or name.endswith("_gate") or ".gate_" in name:
+                if param.numel() == 1:
+                    param.copy_(torch.empty(1).uniform_(0.3, 0.7, generator=generator))
+    return model.float()
+
+
+def generation_config() -> GenerationConfig:
+    return GenerationConfig(
+        bos_token_id=tok.special_id(tok.BOS),
+        eos_token_id=[tok.special_id(tok.EOT), tok.special_id(tok.EOM), tok.special_id(tok.EOS_TEXT)],
+        pad_token_id=tok.special_id(tok.PAD),
+        do_sample=False,
+        max_new_tokens=32,
+    )
+
+
+def save_model_dir(model: MllamaForConditionalGeneration, out_dir: Path) -> None:
+    """Everything AutoProcessor / from_pretrained need, offline; weights in float32 safetensors."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.generation_config = generation_config()
+    model.float().save_pretrained(str(out_dir), safe_serialization=True)
+    processor = build_processor()
+    processor.save_pretrained(str(out_dir))
+    # Also the standalone preprocessor_config.json that tools reading only the image processor
+    # (and transformers 4.x) look for.
+    processor.image_processor.save_pretrained(str(out_dir))
+    # save_pretrained writes the torchvision class name, which AutoProcessor would try first;
+    # name the PIL class so the same code runs wherever torchvision is or is not installed.
+    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        path = out_dir / name
+        saved = json.loads(path.read_text())
+        (saved[key] if key else saved)["image_processor_type"] = "MllamaImageProcessorPil"
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
