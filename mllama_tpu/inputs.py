@@ -1,0 +1,240 @@
+"""What the model sees: (conversation, image) -> engine inputs, defined once for every engine.
+
+The processor (transformers' AutoProcessor from a token_config dir) does everything it already
+knows how to do: chat template, tokenization, tiling, resizing, normalisation, aspect-ratio ids
+and the per-token cross-attention mask. This module only turns its output into the static-shape
+arrays of the net contract:
+
+- ids padded to SEQ with the pad id (pad rows are computed but never read),
+- positions 0..SEQ-1,
+- an additive causal mask over the real tokens,
+- the cross-attention mask [1,1,SEQ,T*P]: token r sees tile t's P patch columns iff the
+  processor says so; rows that see no tile get text_row_mask 0 and an all-visible (zeroed)
+  mask row, which is exactly what transformers' `_prepare_cross_attention_mask` does,
+- the decode-time cross row / text_row_mask: the last prompt token's, because transformers'
+  generate repeats the last row of the cross-attention mask for every new token.
+
+Nothing here assumes where <|image|> sits or how many tiles an image has.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# Additive mask values: 0 lets a query see a key, MASK_HIDDEN hides it. -10000 rather than
+# finfo.min so the value survives f16/bf16 on the device without turning into -inf/NaN.
+MASK_VISIBLE = 0.0
+MASK_HIDDEN = -10000.0
+
+
+@dataclass
+class ImageInputs:
+    """One image, tiled by the processor: the `vit` net's inputs."""
+
+    pixel_values: np.ndarray  # [T,3,S,S] f32, tiles beyond num_tiles are zero padding
+    aspect_ratio_ids: np.ndarray  # [1,1] i32
+    aspect_ratio_mask: np.ndarray  # [1,T] i32, 1 for real tiles
+
+    @property
+    def num_tiles(self) -> int:
+        """Real tiles of this image (the rest of the T slots are padding)."""
+        return int(self.aspect_ratio_mask.sum())
+
+
+@dataclass
+class PrefillInputs:
+    """One prompt at the static shape SEQ: the prefill nets' inputs plus what decode needs."""
+
+    input_ids: np.ndarray  # [1,SEQ] i32, padded with the pad id
+    position_ids: np.ndarray  # [1,SEQ] i32
+    attention_mask: np.ndarray  # [1,1,SEQ,SEQ] f32 additive causal mask
+    num_tokens: int  # real prompt length L (rows L..SEQ-1 are padding)
+    # Image prompts only (None for text-only prompts: engines skip the cross-attention layers).
+    cross_attention_mask: np.ndarray | None = None  # [1,1,SEQ,T*P] f32 additive
+    text_row_mask: np.ndarray | None = None  # [1,SEQ,1] f32, 1 keep / 0 zero
+    decode_cross_attention_mask: np.ndarray | None = None  # [1,1,1,T*P] f32, for every decode step
+    decode_text_row_mask: np.ndarray | None = None  # [1,1,1] f32
+
+    @property
+    def has_image(self) -> bool:
+        return self.cross_attention_mask is not None
+
+    @property
+    def seq_length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The real prompt ids (without padding)."""
+        return [int(t) for t in self.input_ids[0, : self.num_tokens]]
+
+
+# ---------------------------------------------------------------------------------------------
+# processor
+# ---------------------------------------------------------------------------------------------
+
+
+def load_processor(token_config: str | Path) -> Any:
+    """transformers' processor (tokenizer + image processor + chat template) from a local dir."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(token_config), local_files_only=True)
+
+
+def user_message(question: str, with_image: bool) -> dict:
+    """A user turn in the chat template's structured format; the image goes before the text."""
+    content: list[dict] = [{"type": "image"}] if with_image else []
+    content.append({"type": "text", "text": question})
+    return {"role": "user", "content": content}
+
+
+def assistant_message(answer: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+
+
+def process(processor: Any, messages: Sequence[dict], image: Any | None) -> dict[str, np.ndarray]:
+    """Run the processor on a conversation (and its image, if any) as Mllama expects it.
+
+    The chat template already writes <|begin_of_text|>, so the tokenizer must not add it again.
+    Returns numpy arrays: input_ids [1,L], and for an image pixel_values [1,1,T,3,S,S],
+    aspect_ratio_ids [1,1], aspect_ratio_mask [1,1,T], cross_attention_mask [1,L,1,T].
+    """
+    text = processor.apply_chat_template(list(messages), add_generation_prompt=True)
+    images = [image] if image is not None else None
+    out = processor(images=images, text=text, add_special_tokens=False, return_tensors="np")
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def image_inputs_from(features: dict[str, np.ndarray]) -> ImageInputs:
+    """The vit inputs from the processor output (batch 1, one image)."""
+    pv = features["pixel_values"]
+    if pv.ndim != 6 or pv.shape[0] != 1 or pv.shape[1] != 1:
+        raise ValueError(f"expected pixel_values [1,1,T,3,S,S] for one image, got {list(pv.shape)}")
+    return ImageInputs(
+        pixel_values=np.ascontiguousarray(pv[0, 0], dtype=np.float32),
+        aspect_ratio_ids=np.asarray(features["aspect_ratio_ids"], dtype=np.int32).reshape(1, 1),
+        aspect_ratio_mask=np.asarray(features["aspect_ratio_mask"], dtype=np.int32).reshape(1, -1),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------------
+
+
+def causal_mask(num_tokens: int, seq_length: int) -> np.ndarray:
+    """[1,1,SEQ,SEQ] additive: row i sees columns j <= i among the real tokens (j < L).
+
+    Pad rows (i >= L) see the real tokens, so no row is all-hidden; they are never read anyway.
+    """
+    i = np.arange(seq_length)[:, None]
+    j = np.arange(seq_length)[None, :]
+    visible = (j <= i) & (j < num_tokens)
+    mask = np.where(visible, MASK_VISIBLE, MASK_HIDDEN).astype(np.float32)
+    return mask[None, None]
+
+
+def decode_self_mask(position: int, seq_length: int) -> np.ndarray:
+    """[1,1,1,SEQ+1] additive mask of a decode step at `position`.
+
+    Columns 0..SEQ-1 are the KV history (only 0..position-1 are filled), the last column is the
+    new token itself.
+    """
+    mask = np.full((1, 1, 1, seq_length + 1), MASK_HIDDEN, dtype=np.float32)
+    mask[..., :position] = MASK_VISIBLE
+    mask[..., seq_length] = MASK_VISIBLE
+    return mask
+
+
+def cross_masks(
+    token_tile_mask: np.ndarray, num_patches: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-attention masks from the processor's per-token tile mask.
+
+    token_tile_mask: [rows, T] of 0/1 (processor's cross_attention_mask[0, :, 0, :]).
+    Returns (mask [rows, T*P] additive f32, text_row_mask [rows] f32). Each tile becomes P
+    columns; a row that sees no tile gets text_row_mask 0 and an all-zero mask row, as
+    transformers does (its attention over all columns then only feeds a zeroed MLP branch).
+    """
+    tiles = np.asarray(token_tile_mask) != 0
+    columns = np.repeat(tiles, num_patches, axis=1)  # tile t -> columns t*P .. t*P+P-1
+    row_visible = tiles.any(axis=1)
+    mask = np.where(columns, MASK_VISIBLE, MASK_HIDDEN).astype(np.float32)
+    mask[~row_visible] = MASK_VISIBLE
+    return mask, row_visible.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill inputs
+# ---------------------------------------------------------------------------------------------
+
+
+class PromptTooLong(ValueError):
+    """The prompt has more tokens than the engine's static sequence length."""
+
+    def __init__(self, num_tokens: int, seq_length: int):
+        super().__init__(f"the prompt has {num_tokens} tokens, the model's limit is {seq_length}")
+        self.num_tokens = num_tokens
+        self.seq_length = seq_length
+
+
+def prefill_inputs(
+    input_ids: Sequence[int] | np.ndarray,
+    seq_length: int,
+    pad_id: int,
+    cross_attention_mask: np.ndarray | None = None,
+    num_patches: int | None = None,
+    max_tiles: int | None = None,
+) -> PrefillInputs:
+    """Static-shape prefill inputs for one prompt.
+
+    cross_attention_mask is the processor's [1,L,1,T] (None for a text-only prompt); num_patches
+    (P, per tile incl. CLS) and max_tiles (T) are the engine's, checked against the processor's.
+    """
+    ids = np.asarray(input_ids).reshape(-1)
+    n = int(ids.shape[0])
+    if n == 0:
+        raise ValueError("empty prompt")
+    if n > seq_length:
+        raise PromptTooLong(n, seq_length)
+
+    padded = np.full((1, seq_length), pad_id, dtype=np.int32)
+    padded[0, :n] = ids
+    p = PrefillInputs(
+        input_ids=padded,
+        position_ids=np.arange(seq_length, dtype=np.int32)[None],
+        attention_mask=causal_mask(n, seq_length),
+        num_tokens=n,
+    )
+    if cross_attention_mask is None:
+        return p
+
+    cam = np.asarray(cross_attention_mask)
+    if cam.ndim != 4 or cam.shape[0] != 1 or cam.shape[1] != n or cam.shape[2] != 1:
+        raise ValueError(f"expected cross_attention_mask [1,{n},1,T] for one image, got {list(cam.shape)}")
+    if num_patches is None or max_tiles is None:
+        raise ValueError("num_patches and max_tiles are needed for an image prompt")
+    if cam.shape[3] != max_tiles:
+        raise ValueError(f"the processor tiles images into {cam.shape[3]} tiles, the model into {max_tiles}")
+
+    # Pad rows get an all-hidden tile mask, so they behave like rows before the image.
+    tile_rows = np.zeros((seq_length, max_tiles), dtype=np.int64)
+    tile_rows[:n] = cam[0, :, 0, :]
+    mask, row = cross_masks(tile_rows, num_patches)
+    p.cross_attention_mask = mask[None, None]
+    p.text_row_mask = row.reshape(1, seq_length, 1)
+    p.decode_cross_attention_mask = mask[n - 1].reshape(1, 1, 1, -1).copy()
+    p.decode_text_row_mask = row[n - 1].reshape(1, 1, 1).copy()
+    return p
+
+
+def pad_token_id(processor: Any) -> int:
+    """The id prompts are padded with; any id works (pad rows are never read), pad is clearest."""
+    tok = getattr(processor, "tokenizer", processor)
+    pid = tok.pad_token_id
+    if pid is None:
+        pid = tok.eos_token_id
+    return int(pid if pid is not None else 0)
