@@ -1,0 +1,165 @@
+"""export_model: HF Mllama checkpoint -> out_dir/{pieces/*.onnx, manifest.json, token_config/}.
+
+Resumable: the manifest records each finished piece with its checksums as soon as it is
+written; a later run keeps every piece whose files still match, and redoes the rest. The
+manifest also records a fingerprint of the source (config, weight files, seq_length and
+this package's export code); when it changes, nothing old is trusted.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm import tqdm
+
+from mllama_tpu.config import ModelDims
+from mllama_tpu.errors import UserError
+from mllama_tpu.export.onnx_io import describe, export_piece, sha256_file
+from mllama_tpu.export.pieces import RECENT_IDS, build_piece, piece_names, top_k
+from mllama_tpu.weights import CheckpointWeights
+
+MANIFEST_FORMAT = 1
+TOKEN_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
+               "generation_config.json", "config.json")
+_CODE_FILES = [Path(__file__).parent / n for n in
+               ("text.py", "vision.py", "heads.py", "rope.py", "pieces.py", "onnx_io.py")] + \
+              [Path(__file__).parent.parent / n for n in ("config.py", "weights.py")]
+
+
+def export_model(model_dir: str | Path, out_dir: str | Path, seq_length: int, device: str = "cpu",
+                 only: Iterable[str] | None = None, progress: bool = True) -> Path:
+    """Export every piece (or those in `only`) and return the path of manifest.json."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    dims = ModelDims.from_model_dir(model_dir)
+    seq_length = _check_seq(seq_length, dims)
+    device = _check_device(device)
+    weights = CheckpointWeights(model_dir, dims.tie_word_embeddings)
+    pieces_dir = _writable(out_dir) / "pieces"
+    pieces_dir.mkdir(exist_ok=True)
+
+    manifest_path = out_dir / "manifest.json"
+    fingerprint = _fingerprint(model_dir, seq_length)
+    manifest = _load_manifest(manifest_path)
+    if manifest.get("fingerprint") != fingerprint:
+        manifest = {}  # other model, seq or export code: start over
+    manifest.update(_header(dims, seq_length, fingerprint))
+    manifest.setdefault("pieces", {})
+    names = list(only) if only is not None else piece_names(dims)
+    bar = tqdm(names, desc="export", unit="piece", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        if _is_done(out_dir, manifest["pieces"].get(name)):
+            continue
+        manifest["pieces"].pop(name, None)
+        piece = build_piece(name, weights, dims, seq_length)
+        export_piece(piece, pieces_dir, device)
+        del piece
+        gc.collect()  # the piece's weights go before the next piece is read
+        manifest["pieces"][name] = _entry(out_dir, name)
+        _write_json(manifest_path, manifest)
+    manifest["token_config"] = _copy_token_config(model_dir, out_dir / "token_config")
+    _write_json(manifest_path, manifest)
+    return manifest_path
+
+
+def _check_seq(seq_length: Any, dims: ModelDims) -> int:
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int):
+        try:
+            seq_length = int(str(seq_length), 10)
+        except ValueError:
+            raise UserError(f"seq_length {seq_length!r} is not an integer; pass e.g. -s 512") from None
+    if seq_length <= 0:
+        raise UserError(f"seq_length {seq_length} must be a positive integer; pass e.g. -s 512")
+    if seq_length > dims.max_position_embeddings:
+        raise UserError(f"seq_length {seq_length} exceeds the model's max_position_embeddings "
+                        f"{dims.max_position_embeddings}; pass a smaller -s")
+    return seq_length
+
+
+def _check_device(device: str) -> str:
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"device {device!r} is not supported; use cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda requested but no CUDA device is available; use -d cpu")
+    return device
+
+
+def _writable(out_dir: Path) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output dir {out_dir} is not writable ({e.strerror}); pass another -f") from None
+    return out_dir
+
+
+def _fingerprint(model_dir: Path, seq_length: int) -> dict[str, Any]:
+    code = hashlib.sha256()
+    for f in _CODE_FILES:
+        code.update(f.read_bytes())
+    files = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
+    return {"seq_length": seq_length, "export_code": code.hexdigest()[:16],
+            "config_sha256": sha256_file(model_dir / "config.json"),
+            "weights": {p.name: p.stat().st_size for p in files if p.suffix == ".safetensors"}}
+
+
+def _header(dims: ModelDims, seq_length: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    d = dims.to_dict() | {"padded_patches": dims.padded_patches}
+    return {"format": MANIFEST_FORMAT, "seq_length": seq_length, "dims": d, "layers": dims.layer_kinds,
+            "dtype": "float32", "image_token_id": dims.image_token_id, "eos_token_ids": dims.eos_token_ids,
+            "sampling": {"top_k": top_k(dims), "recent_ids": RECENT_IDS}, "fingerprint": fingerprint}
+
+
+def _entry(out_dir: Path, name: str) -> dict[str, Any]:
+    path = out_dir / "pieces" / f"{name}.onnx"
+    entry: dict[str, Any] = {"file": f"pieces/{name}.onnx", "sha256": sha256_file(path),
+                             "size": path.stat().st_size}
+    data = path.with_name(path.name + ".data")
+    if data.exists():  # > 2 GB piece: its tensors live in one side file, checksummed on its own
+        entry["external_data"] = {"file": f"pieces/{data.name}", "sha256": sha256_file(data),
+                                  "size": data.stat().st_size}
+    return entry | describe(path)
+
+
+def _is_done(out_dir: Path, entry: dict[str, Any] | None) -> bool:
+    if not entry:
+        return False
+    for f in [entry, entry.get("external_data")]:
+        if f is None:
+            continue
+        path = out_dir / f["file"]
+        if not path.is_file() or path.stat().st_size != f["size"] or sha256_file(path) != f["sha256"]:
+            return False
+    return True
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _copy_token_config(model_dir: Path, dest: Path) -> list[str]:
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKEN_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, dest / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,92 @@
+"""The net contract: which pieces a model has, and how to build each one from its weights.
+
+A Piece is a torch module plus named example inputs (their shapes are the static shapes
+of the ONNX file) and output names. Only the tensors the piece needs are read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mllama_tpu.config import ModelDims
+from mllama_tpu.export.heads import GreedyHead, PenaltySampleHead
+from mllama_tpu.export.rope import rotary_tables
+from mllama_tpu.export.text import CrossAttentionBlock, Embedding, LmHead, SelfAttentionBlock
+from mllama_tpu.export.vision import VisionEncoder
+from mllama_tpu.weights import CheckpointWeights
+
+TOP_K_MAX = 50
+RECENT_IDS = 64  # repeat-penalty window of penalty_sample_head (engine pads shorter windows)
+
+
+@dataclass
+class Piece:
+    name: str
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: list[str]
+
+
+def top_k(dims: ModelDims) -> int:
+    return min(TOP_K_MAX, dims.vocab_size)
+
+
+def piece_names(dims: ModelDims) -> list[str]:
+    """Export order: small and commonly needed first, so a first test run has them early."""
+    names = ["embedding", "embedding_cache"]
+    for i in range(dims.num_hidden_layers):
+        names += [f"block_{i}", f"block_cache_{i}"]
+    return names + ["lm_head", "greedy_head", "penalty_sample_head", "vit"]
+
+
+def build_piece(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int) -> Piece:
+    f32, i32 = torch.float32, torch.int32
+    h, kv, d = dims.hidden_size, dims.num_key_value_heads, dims.head_dim
+    t, p, s = dims.max_num_tiles, dims.num_patches, dims.tile_size
+    zeros = torch.zeros
+    if name in ("embedding", "embedding_cache"):
+        n = seq if name == "embedding" else 1
+        return Piece(name, Embedding(weights.get("text.embed_tokens.weight")),
+                     {"input_ids": zeros(1, n, dtype=i32)}, ["hidden_states"])
+    if name == "lm_head":
+        return Piece(name, LmHead(weights.get("text.norm.weight"), weights.get("lm_head.weight"), dims.rms_norm_eps),
+                     {"hidden_states": zeros(1, h)}, ["logits"])
+    if name == "greedy_head":
+        return Piece(name, GreedyHead(), {"logits": torch.randn(1, dims.vocab_size)}, ["token"])
+    if name == "penalty_sample_head":
+        return Piece(name, PenaltySampleHead(dims.vocab_size, top_k(dims)),
+                     {"logits": torch.randn(1, dims.vocab_size), "recent_ids": zeros(1, RECENT_IDS, dtype=i32),
+                      "top_p": torch.tensor([0.8]), "temperature": torch.tensor([0.7]),
+                      "repeat_penalty": torch.tensor([1.1])},
+                     ["probs", "tokens"])
+    if name == "vit":
+        module = VisionEncoder(weights.group("vision."), weights.group("projector."), dims)
+        return Piece(name, module,
+                     {"pixel_values": zeros(t, dims.num_channels, s, s), "aspect_ratio_ids": torch.ones(1, 1, dtype=i32),
+                      "aspect_ratio_mask": torch.ones(1, t, dtype=i32)},
+                     ["cross_attention_states"])
+    cache = name.startswith("block_cache_")
+    if not (cache or name.startswith("block_")):
+        raise ValueError(f"unknown piece {name!r}")
+    layer = int(name.rsplit("_", 1)[1])
+    w = weights.group(f"text.layers.{layer}.")
+    if dims.layer_kinds[layer] == "self":
+        cos, sin = rotary_tables(dims, seq + 1)  # positions 0..seq (one spare row)
+        module = SelfAttentionBlock(w, dims, cos, sin, cache)
+        n = 1 if cache else seq
+        inputs = {"input_states": zeros(1, n, h), "position_ids": torch.arange(n, dtype=i32).view(1, n),
+                  "attention_mask": zeros(1, 1, n, seq + 1 if cache else seq)}
+        if cache:
+            inputs |= {"history_k": zeros(1, seq, kv, d), "history_v": zeros(1, seq, kv, d)}
+        return Piece(name, module, inputs, ["hidden_states", "present_k", "present_v"])
+    module = CrossAttentionBlock(w, dims, cache)
+    if cache:
+        inputs = {"input_states": zeros(1, 1, h), "text_row_mask": torch.ones(1, 1, 1),
+                  "attention_mask": zeros(1, 1, 1, t * p), "cross_k": zeros(1, t * p, kv, d),
+                  "cross_v": zeros(1, t * p, kv, d)}
+        return Piece(name, module, inputs, ["hidden_states"])
+    inputs = {"input_states": zeros(1, seq, h), "cross_attention_states": zeros(t, p, h),
+              "text_row_mask": torch.ones(1, seq, 1), "attention_mask": zeros(1, 1, seq, t * p)}
+    return Piece(name, module, inputs, ["hidden_states", "cross_k", "cross_v"])

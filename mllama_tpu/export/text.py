@@ -1,0 +1,178 @@
+"""Export-friendly text decoder pieces: embedding, self/cross-attention blocks, lm_head.
+
+Static shapes only; KV in the layout the engine keeps on device, [1, seq, kv_heads, head_dim];
+rotary by gathering precomputed cos/sin rows with `position_ids`; masks are additive f32
+inputs. Weights come in as a dict of f32 tensors named as in the checkpoint under
+`text.layers.{i}.` (see mllama_tpu.weights), so each block loads only its own tensors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllama_tpu.config import ModelDims
+
+
+def _const(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().float().contiguous(), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = _const(weight)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class Linear(nn.Module):
+    """Bias-free projection holding the checkpoint's [out, in] weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = _const(weight)
+        self.bias = _const(bias) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, w: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.gate_proj = Linear(w["mlp.gate_proj.weight"])
+        self.up_proj = Linear(w["mlp.up_proj.weight"])
+        self.down_proj = Linear(w["mlp.down_proj.weight"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [1,Sq,NH,D], k/v [1,Sk,KV,D], additive mask [1,1,Sq,Sk] -> [1,Sq,NH*D]."""
+    _, sq, nh, d = q.shape
+    _, sk, kv, _ = k.shape
+    rep = nh // kv
+    if rep > 1:  # grouped-query attention: head h reads kv head h // rep
+        k = k[:, :, :, None, :].expand(1, sk, kv, rep, d).reshape(1, sk, nh, d)
+        v = v[:, :, :, None, :].expand(1, sk, kv, rep, d).reshape(1, sk, nh, d)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(2, 3)) * (d ** -0.5) + mask
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    return out.transpose(1, 2).reshape(1, sq, nh * d)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class SelfAttentionBlock(nn.Module):
+    """One self-attention decoder layer. `cache=False`: prefill over SEQ tokens, returns their
+    K/V; `cache=True`: one new token against SEQ history slots, returns only the new K/V."""
+
+    def __init__(self, w: dict[str, torch.Tensor], dims: ModelDims, cos: torch.Tensor, sin: torch.Tensor,
+                 cache: bool) -> None:
+        super().__init__()
+        self.dims, self.cache = dims, cache
+        self.input_layernorm = RMSNorm(w["input_layernorm.weight"], dims.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(w["post_attention_layernorm.weight"], dims.rms_norm_eps)
+        self.q_proj = Linear(w["self_attn.q_proj.weight"])
+        self.k_proj = Linear(w["self_attn.k_proj.weight"])
+        self.v_proj = Linear(w["self_attn.v_proj.weight"])
+        self.o_proj = Linear(w["self_attn.o_proj.weight"])
+        self.mlp = GatedMLP(w)
+        self.cos, self.sin = _const(cos), _const(sin)
+
+    def forward(self, input_states: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                history_k: torch.Tensor | None = None, history_v: torch.Tensor | None = None):
+        d = self.dims
+        s = input_states.shape[1]
+        h = self.input_layernorm(input_states)
+        q = self.q_proj(h).view(1, s, d.num_attention_heads, d.head_dim)
+        k = self.k_proj(h).view(1, s, d.num_key_value_heads, d.head_dim)
+        v = self.v_proj(h).view(1, s, d.num_key_value_heads, d.head_dim)
+        ids = position_ids.reshape(-1).long()
+        cos = torch.index_select(self.cos, 0, ids).view(1, s, 1, d.head_dim)
+        sin = torch.index_select(self.sin, 0, ids).view(1, s, 1, d.head_dim)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if self.cache:
+            all_k, all_v = torch.cat([history_k, k], dim=1), torch.cat([history_v, v], dim=1)
+        else:
+            all_k, all_v = k, v
+        x = input_states + self.o_proj(attend(q, all_k, all_v, attention_mask))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class CrossAttentionBlock(nn.Module):
+    """One cross-attention decoder layer (tanh-gated attention and MLP, q/k RMS norms).
+    `cache=False`: projects the image states and returns cross K/V; `cache=True`: reads them."""
+
+    def __init__(self, w: dict[str, torch.Tensor], dims: ModelDims, cache: bool) -> None:
+        super().__init__()
+        self.dims, self.cache = dims, cache
+        self.input_layernorm = RMSNorm(w["input_layernorm.weight"], dims.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(w["post_attention_layernorm.weight"], dims.rms_norm_eps)
+        self.q_proj = Linear(w["cross_attn.q_proj.weight"])
+        self.o_proj = Linear(w["cross_attn.o_proj.weight"])
+        self.q_norm = RMSNorm(w["cross_attn.q_norm.weight"], dims.rms_norm_eps)
+        if not cache:
+            self.k_proj = Linear(w["cross_attn.k_proj.weight"])
+            self.v_proj = Linear(w["cross_attn.v_proj.weight"])
+            self.k_norm = RMSNorm(w["cross_attn.k_norm.weight"], dims.rms_norm_eps)
+        self.mlp = GatedMLP(w)
+        # Gates are constants of the checkpoint: fold tanh now.
+        self.attn_gate = float(torch.tanh(w["cross_attn_attn_gate"].float()).item())
+        self.mlp_gate = float(torch.tanh(w["cross_attn_mlp_gate"].float()).item())
+
+    def image_kv(self, cross_attention_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.dims
+        states = cross_attention_states.reshape(1, -1, d.hidden_size)  # [T,P,H] -> [1,T*P,H]
+        n = states.shape[1]
+        k = self.k_norm(self.k_proj(states).view(1, n, d.num_key_value_heads, d.head_dim))
+        v = self.v_proj(states).view(1, n, d.num_key_value_heads, d.head_dim)
+        return k, v
+
+    def layer(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_row_mask: torch.Tensor,
+              attention_mask: torch.Tensor) -> torch.Tensor:
+        d = self.dims
+        s = x.shape[1]
+        q = self.q_norm(self.q_proj(self.input_layernorm(x)).view(1, s, d.num_attention_heads, d.head_dim))
+        x = x + self.attn_gate * self.o_proj(attend(q, k, v, attention_mask))
+        # Rows that see no tile keep the attention update but drop the MLP one (as transformers).
+        mlp = self.mlp(self.post_attention_layernorm(x)) * text_row_mask.reshape(1, s, 1)
+        return x + self.mlp_gate * mlp
+
+    def forward(self, *args: torch.Tensor):
+        if self.cache:
+            input_states, text_row_mask, attention_mask, cross_k, cross_v = args
+            return self.layer(input_states, cross_k, cross_v, text_row_mask, attention_mask)
+        input_states, cross_attention_states, text_row_mask, attention_mask = args
+        k, v = self.image_kv(cross_attention_states)
+        return self.layer(input_states, k, v, text_row_mask, attention_mask), k, v
+
+
+class Embedding(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = _const(weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids.long(), self.weight)
+
+
+class LmHead(nn.Module):
+    """Final RMSNorm + vocabulary projection for the last token: [1,H] -> [1,V]."""
+
+    def __init__(self, norm: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(norm, eps)
+        self.proj = Linear(weight)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(hidden_states))
