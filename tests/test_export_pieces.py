@@ -1,0 +1,231 @@
+"""Every exported net (run by onnxruntime) against the same computation in transformers.
+
+Weights: random, in the bundled tiny model's config, with every gate nonzero (an untrained
+or zero-gated model would hide the cross-attention and gated vision paths). f32, max abs
+error < 1e-4.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import MllamaForConditionalGeneration
+from transformers.cache_utils import DynamicCache
+from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+from mllama_tpu.export import export_model
+from mllama_tpu.export.random_checkpoint import tiny_config, write_random_checkpoint
+
+SEQ = 24
+TOL = 1e-4
+NEG = -10000.0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    """(export dir, manifest, transformers model) for random weights in the tiny model's config."""
+    cfg_path = tiny_model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else tiny_config()
+    root = tmp_path_factory.mktemp("export-pieces")
+    model_dir = write_random_checkpoint(root / "model", cfg, seed=1, shard_bytes=200_000)
+    out = root / "onnx"
+    manifest = json.loads(export_model(model_dir, out, SEQ, progress=False).read_text())
+    model = MllamaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager").eval()
+    return out, manifest, model
+
+
+def run(out: Path, net: str, **inputs: np.ndarray) -> list[np.ndarray]:
+    sess = ort.InferenceSession(str(out / "pieces" / f"{net}.onnx"), providers=["CPUExecutionProvider"])
+    return sess.run(None, inputs)
+
+
+def close(ours: np.ndarray, ref: torch.Tensor) -> None:
+    ref_np = ref.detach().float().numpy()
+    assert ours.shape == ref_np.shape
+    err = float(np.abs(ours - ref_np).max())
+    assert err < TOL, f"max abs error {err}"
+
+
+def f32(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().numpy()
+
+
+def to_kv_layout(t: torch.Tensor) -> torch.Tensor:
+    """transformers' cache [1,KV,S,D] -> our [1,S,KV,D]."""
+    return t.transpose(1, 2)
+
+
+def layer_index(manifest: dict, kind: str) -> int:
+    return manifest["layers"].index(kind)
+
+
+def causal_mask(seq: int, real: int) -> torch.Tensor:
+    """Additive [1,1,seq,seq]: causal over the first `real` tokens, padding keys hidden."""
+    i = torch.arange(seq)
+    visible = (i[None, :] <= i[:, None]) & (i[None, :] < real)
+    return torch.where(visible, 0.0, NEG).view(1, 1, seq, seq)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio,tiles", [((1, 1), 1), ((2, 2), 4)])
+def test_vit(tiny, ratio, tiles):
+    out, manifest, model = tiny
+    d = manifest["dims"]
+    t, s = d["max_num_tiles"], d["tile_size"]
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.zeros(1, 1, t, 3, s, s)
+    pixels[0, 0, :tiles] = torch.randn(tiles, 3, s, s, generator=gen)
+    ar_id = d["supported_aspect_ratios"].index(list(ratio)) + 1
+    ar_ids = torch.tensor([[ar_id]])
+    ar_mask = torch.zeros(1, 1, t, dtype=torch.long)
+    ar_mask[..., :tiles] = 1
+    vision = model.model.vision_model(pixel_values=pixels, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
+    states = vision.last_hidden_state
+    ref = model.model.multi_modal_projector(states).reshape(-1, states.shape[-2], d["hidden_size"])
+    (ours,) = run(out, "vit", pixel_values=f32(pixels[0, 0]), aspect_ratio_ids=ar_ids.numpy().astype(np.int32),
+                  aspect_ratio_mask=ar_mask[0].numpy().astype(np.int32))
+    close(ours, ref)
+
+
+@torch.no_grad()
+def test_embedding(tiny):
+    out, manifest, model = tiny
+    ids = torch.randint(0, manifest["dims"]["vocab_size"], (1, SEQ))
+    ids[0, 3] = manifest["image_token_id"]  # the image token lives past the text vocab
+    table = model.model.language_model.embed_tokens
+    (ours,) = run(out, "embedding", input_ids=ids.numpy().astype(np.int32))
+    close(ours, table(ids))
+    (ours,) = run(out, "embedding_cache", input_ids=ids[:, 3:4].numpy().astype(np.int32))
+    close(ours, table(ids[:, 3:4]))
+
+
+@torch.no_grad()
+def test_self_block_prefill_and_decode(tiny):
+    out, manifest, model = tiny
+    i = layer_index(manifest, "self")
+    lm = model.model.language_model
+    layer, h = lm.layers[i], manifest["dims"]["hidden_size"]
+    real = SEQ - 5  # a padded prompt: the last 5 slots are empty
+    x = torch.randn(1, SEQ, h)
+    pos = torch.arange(SEQ).view(1, SEQ)
+    mask = causal_mask(SEQ, real)
+    cache = DynamicCache(config=lm.config)
+    ref = layer(x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                position_embeddings=lm.rotary_emb(x, pos))
+    hidden, k, v = run(out, f"block_{i}", input_states=f32(x), position_ids=pos.numpy().astype(np.int32),
+                       attention_mask=f32(mask))
+    close(hidden, ref)
+    close(k, to_kv_layout(cache.layers[i].keys))
+    close(v, to_kv_layout(cache.layers[i].values))
+
+    # Decode one token at position `real`, against the prompt's cache only.
+    cache = DynamicCache(config=lm.config)
+    layer(x[:, :real], attention_mask=causal_mask(real, real), position_ids=pos[:, :real], past_key_values=cache,
+          use_cache=True, position_embeddings=lm.rotary_emb(x, pos[:, :real]))
+    new = torch.randn(1, 1, h)
+    new_pos = torch.tensor([[real]])
+    ref = layer(new, attention_mask=torch.zeros(1, 1, 1, real + 1), position_ids=new_pos, past_key_values=cache,
+                use_cache=True, position_embeddings=lm.rotary_emb(new, new_pos))
+    hist_k, hist_v = np.random.randn(2, 1, SEQ, *k.shape[2:]).astype(np.float32)  # junk beyond `real`
+    hist_k[:, :real], hist_v[:, :real] = k[:, :real], v[:, :real]
+    dmask = np.full((1, 1, 1, SEQ + 1), NEG, np.float32)
+    dmask[..., :real] = 0
+    dmask[..., -1] = 0  # the new token itself
+    hidden, nk, nv = run(out, f"block_cache_{i}", input_states=f32(new), position_ids=new_pos.numpy().astype(np.int32),
+                         attention_mask=dmask, history_k=hist_k, history_v=hist_v)
+    close(hidden, ref)
+    close(nk, to_kv_layout(cache.layers[i].keys)[:, -1:])
+    close(nv, to_kv_layout(cache.layers[i].values)[:, -1:])
+
+
+def cross_inputs(manifest: dict, tiles_seen: torch.Tensor):
+    """transformers' cross masks and ours from a per-token tile mask [SEQ, T] (0/1)."""
+    d = manifest["dims"]
+    tmask = tiles_seen.view(1, -1, 1, d["max_num_tiles"])
+    ref_mask, row = _prepare_cross_attention_mask(tmask, num_vision_tokens=d["num_patches"], dtype=torch.float32)
+    per_patch = tiles_seen.repeat_interleave(d["num_patches"], dim=1)  # [S, T*P]
+    keep = tiles_seen.amax(dim=1, keepdim=True).float()  # rows that see some tile
+    ours = torch.where(per_patch.bool(), 0.0, NEG) * keep  # fully hidden rows: all zero, as transformers
+    return ref_mask, row, f32(ours.view(1, 1, *ours.shape)), f32(keep.view(1, -1, 1))
+
+
+@torch.no_grad()
+def test_cross_block_prefill_and_decode(tiny):
+    out, manifest, model = tiny
+    d = manifest["dims"]
+    i = layer_index(manifest, "cross")
+    lm = model.model.language_model
+    layer, h, t, p = lm.layers[i], d["hidden_size"], d["max_num_tiles"], d["num_patches"]
+    x = torch.randn(1, SEQ, h)
+    states = torch.randn(t, p, h)
+    seen = torch.zeros(SEQ, t, dtype=torch.long)
+    seen[4:, :2] = 1  # tokens before the image see nothing (rows zeroed); 2 real tiles
+    seen[10:12] = 0  # and a hole in the middle
+    ref_mask, row, our_mask, our_row = cross_inputs(manifest, seen)
+    cache = DynamicCache(config=lm.config)
+    ref = layer(x, cross_attention_states=states, cross_attention_mask=ref_mask, attention_mask=None,
+                full_text_row_masked_out_mask=row, past_key_values=cache, use_cache=True)
+    hidden, ck, cv = run(out, f"block_{i}", input_states=f32(x), cross_attention_states=f32(states),
+                         text_row_mask=our_row, attention_mask=our_mask)
+    assert our_row[0, :4, 0].sum() == 0 and our_row[0, 10:12, 0].sum() == 0
+    close(hidden, ref)
+    close(ck, to_kv_layout(cache.layers[i].keys))
+    close(cv, to_kv_layout(cache.layers[i].values))
+
+    # transformers reads cross K/V from the cache only once the cache "has tokens" (layer 0's length).
+    if i != 0:
+        kv, hd = d["num_key_value_heads"], d["head_dim"]
+        cache.update(torch.zeros(1, kv, SEQ, hd), torch.zeros(1, kv, SEQ, hd), 0)
+    for r in (SEQ - 1, 2, 10):  # a row that sees tiles, and fully hidden ones
+        new = torch.randn(1, 1, h)
+        ref = layer(new, cross_attention_states=None, cross_attention_mask=ref_mask[:, :, r:r + 1],
+                    attention_mask=None, full_text_row_masked_out_mask=row[:, :, r:r + 1], past_key_values=cache,
+                    use_cache=True)
+        (hidden,) = run(out, f"block_cache_{i}", input_states=f32(new), text_row_mask=our_row[:, r:r + 1],
+                        attention_mask=our_mask[:, :, r:r + 1], cross_k=ck, cross_v=cv)
+        close(hidden, ref)
+
+
+@torch.no_grad()
+def test_lm_head(tiny):
+    out, manifest, model = tiny
+    x = torch.randn(1, manifest["dims"]["hidden_size"])
+    ref = model.lm_head(model.model.language_model.norm(x))
+    (ours,) = run(out, "lm_head", hidden_states=f32(x))
+    close(ours, ref)
+
+
+def test_greedy_head(tiny):
+    out, manifest, _ = tiny
+    logits = np.random.RandomState(0).randn(1, manifest["dims"]["vocab_size"]).astype(np.float32)
+    (token,) = run(out, "greedy_head", logits=logits)
+    assert token.dtype == np.int32 and token.tolist() == [int(logits.argmax())]
+
+
+@pytest.mark.parametrize("top_p,temperature,penalty", [(0.8, 0.7, 1.3), (1.0, 1.0, 1.0), (0.3, 1.5, 2.0)])
+def test_penalty_sample_head(tiny, top_p, temperature, penalty):
+    """Same distribution as transformers' repetition penalty -> temperature -> top-k -> top-p."""
+    out, manifest, _ = tiny
+    v, k, r = manifest["dims"]["vocab_size"], manifest["sampling"]["top_k"], manifest["sampling"]["recent_ids"]
+    rng = np.random.RandomState(1)
+    logits = (3 * rng.randn(1, v)).astype(np.float32)
+    top = np.argsort(-logits[0])[:8]
+    recent = np.concatenate([top[:4], rng.randint(0, v, 6)])  # penalise some of the leaders
+    window = np.concatenate([recent, np.full(r - len(recent), recent[0])]).reshape(1, r).astype(np.int32)
+    probs, tokens = run(out, "penalty_sample_head", logits=logits, recent_ids=window,
+                        top_p=np.array([top_p], np.float32), temperature=np.array([temperature], np.float32),
+                        repeat_penalty=np.array([penalty], np.float32))
+    ids, scores = torch.tensor(recent).view(1, -1), torch.tensor(logits)
+    for proc in (RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature),
+                 TopKLogitsWarper(k), TopPLogitsWarper(top_p)):
+        scores = proc(ids, scores)
+    ref = torch.softmax(scores, dim=-1)[0].numpy()
+    assert tokens.dtype == np.int32 and len(set(tokens[0].tolist())) == k
+    assert np.abs(probs[0] - ref[tokens[0]]).max() < TOL  # same probability for every candidate
+    assert abs(ref[tokens[0]].sum() - 1) < TOL  # and no mass outside the candidates
