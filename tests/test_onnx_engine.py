@@ -1,0 +1,189 @@
+"""The ONNX reference engine generates exactly what transformers' `generate` does (greedy).
+
+Same weights (the bundled tiny model), same processor output; the engine runs the exported
+pieces with onnxruntime through mllama_tpu.inputs + mllama_tpu.generate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mllama_tpu.engines.onnx import OnnxEngine
+from mllama_tpu.errors import UserError
+from mllama_tpu.generate import STOP_EOS, STOP_SEQLEN, generate
+from mllama_tpu.inputs import (
+    image_inputs_from,
+    load_processor,
+    pad_token_id,
+    prefill_inputs,
+    process,
+    user_message,
+)
+from mllama_tpu.tiny import data
+from mllama_tpu.tiny.config import TILE_SIZE
+from mllama_tpu.tiny.task import LAYOUTS
+
+MAX_NEW_TOKENS = 20
+SEED = 2024
+
+
+def at_tile_size(scene: data.Scene) -> data.Scene:
+    """The same picture scaled to exactly rows x cols tiles, so the processor uses that layout."""
+    rows, cols = scene.layout
+    k = cols * TILE_SIZE / scene.width
+    return dataclasses.replace(
+        scene,
+        width=cols * TILE_SIZE,
+        height=rows * TILE_SIZE,
+        centre=(scene.centre[0] * k, scene.centre[1] * k),
+        size=scene.size * k,
+    )
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    messages: list[dict]
+    scene: data.Scene | None
+    expected: str | None  # the toy task's answer to the last question
+
+    @property
+    def image(self):
+        return data.render(self.scene) if self.scene is not None else None
+
+
+def make_cases() -> list[Case]:
+    rng = random.Random(SEED)
+    cases = []
+    for i, layout in enumerate(LAYOUTS):  # every tile layout, exactly
+        s = data.make_sample(rng, layout, turns=1)
+        s = dataclasses.replace(s, scene=at_tile_size(s.scene))
+        cases.append(Case(f"layout{layout[0]}x{layout[1]}", data.messages_for(s, with_last_answer=False), s.scene, s.turns[0].answer))
+    for i in range(2):  # free sizes: the processor chooses the layout and resizes
+        s = data.make_sample(rng, turns=1)
+        cases.append(Case(f"free{i}", data.messages_for(s, with_last_answer=False), s.scene, s.turns[0].answer))
+    s = data.make_sample(rng, turns=2)
+    cases.append(Case("two_turns", data.messages_for(s, upto=2, with_last_answer=False), s.scene, s.turns[1].answer))
+    cases.append(Case("text_only", [user_message("Hello", False)], None, None))
+    return cases
+
+
+CASES = make_cases()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_onnx_dir):
+    return OnnxEngine(tiny_onnx_dir)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_onnx_dir):
+    return load_processor(tiny_onnx_dir / "token_config")
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    from transformers import MllamaForConditionalGeneration
+
+    return MllamaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def hf_generate(model, processor, case: Case, max_new_tokens: int) -> list[int]:
+    text = processor.apply_chat_template(case.messages, add_generation_prompt=True)
+    images = [case.image] if case.scene is not None else None
+    f = processor(images=images, text=text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**f, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, f["input_ids"].shape[1] :].tolist()
+
+
+def engine_generate(engine, processor, case: Case, max_new_tokens: int, eos: list[int]):
+    f = process(processor, case.messages, case.image)
+    if case.scene is not None:
+        engine.encode_image(image_inputs_from(f))
+    p = prefill_inputs(
+        f["input_ids"][0], engine.seq_length, pad_token_id(processor),
+        f.get("cross_attention_mask"), engine.num_patches, engine.max_tiles,
+    )
+    return generate(engine, p, eos, max_new_tokens)
+
+
+def test_cases_cover_every_layout(processor):
+    ids = set()
+    for case in CASES:
+        if case.scene is not None:
+            ids.add(int(process(processor, case.messages, case.image)["aspect_ratio_ids"][0, 0]))
+    assert ids == set(range(1, len(LAYOUTS) + 1))
+    assert len(CASES) >= 12
+
+
+def test_engine_reads_dims_from_manifest(engine, hf_model):
+    cfg = hf_model.config
+    assert engine.seq_length == 128
+    assert engine.vocab_size == cfg.text_config.vocab_size
+    assert engine.hidden_size == cfg.text_config.hidden_size
+    assert engine.max_tiles == cfg.vision_config.max_num_tiles
+    assert engine.num_patches == (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + 1
+    assert engine.image_token_id == cfg.image_token_index
+    assert set(hf_model.generation_config.eos_token_id) <= set(engine.eos_token_ids)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_greedy_matches_transformers(engine, processor, hf_model, case):
+    engine.set_sampling("greedy")
+    eos = list(hf_model.generation_config.eos_token_id)
+    want = hf_generate(hf_model, processor, case, MAX_NEW_TOKENS)
+    got = engine_generate(engine, processor, case, MAX_NEW_TOKENS, eos)
+    tokens = got.tokens + ([want[-1]] if got.stop_reason == STOP_EOS and want and want[-1] in eos else [])
+    assert tokens == want, f"{case.name}: engine {tokens} != transformers {want}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.expected], ids=[c.name for c in CASES if c.expected])
+def test_toy_task_answers_are_correct(engine, processor, hf_model, case):
+    """With the trained tiny model the answers depend on the image and are right."""
+    engine.set_sampling("greedy")
+    got = engine_generate(engine, processor, case, MAX_NEW_TOKENS, list(hf_model.generation_config.eos_token_id))
+    assert got.stop_reason == STOP_EOS
+    assert processor.tokenizer.decode(got.tokens, skip_special_tokens=True).strip() == case.expected
+
+
+def test_generation_stops_at_seq_length(engine, processor):
+    """Without an EOS the loop fills the KV cache exactly: SEQ - L + 1 tokens, then stops."""
+    engine.set_sampling("greedy")
+    case = CASES[0]
+    got = engine_generate(engine, processor, case, 10_000, eos=[])
+    L = len(process(processor, case.messages, case.image)["input_ids"][0])
+    assert got.stop_reason == STOP_SEQLEN
+    assert len(got.tokens) == engine.seq_length - L + 1
+    with pytest.raises(RuntimeError, match="full"):
+        engine.decode(got.tokens[-1])
+
+
+def test_image_prompt_needs_encoded_image(tiny_onnx_dir, processor):
+    fresh = OnnxEngine(tiny_onnx_dir)
+    case = CASES[0]
+    f = process(processor, case.messages, case.image)
+    p = prefill_inputs(f["input_ids"][0], fresh.seq_length, 0, f["cross_attention_mask"], fresh.num_patches, fresh.max_tiles)
+    with pytest.raises(RuntimeError, match="encode_image"):
+        fresh.prefill(p)
+
+
+def test_penalty_sampling_is_seeded(engine, processor):
+    case = CASES[1]
+    runs = []
+    for seed in (7, 7, 8):
+        engine.set_sampling("penalty_sample", temperature=1.5, top_p=1.0, top_k=50, repeat_penalty=1.1, repeat_last_n=16, seed=seed)
+        runs.append(engine_generate(engine, processor, case, 24, eos=[]).tokens)
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_not_an_export_dir(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        OnnxEngine(tmp_path / "missing")
+    with pytest.raises(UserError, match="manifest.json"):
+        OnnxEngine(tmp_path)
