@@ -56,9 +56,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     _, sq, nh, d = q.shape
     _, sk, kv, _ = k.shape
     rep = nh // kv
-    if rep > 1:  # grouped-query attention: head h reads kv head h // rep
-        k = k[:, :, :, None, :].expand(1, sk, kv, rep, d).reshape(1, sk, nh, d)
-        v = v[:, :, :, None, :].expand(1, sk, kv, rep, d).reshape(1, sk, nh, d)
+    if rep > 1:  # grouped-query attention: head h reads kv head h // rep (one Concat, no Expand)
+        k = torch.cat([k] * rep, dim=-1).reshape(1, sk, nh, d)
+        v = torch.cat([v] * rep, dim=-1).reshape(1, sk, nh, d)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     scores = torch.matmul(q, k.transpose(2, 3)) * (d ** -0.5) + mask
     out = torch.matmul(torch.softmax(scores, dim=-1), v)

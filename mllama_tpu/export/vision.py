@@ -94,7 +94,7 @@ class VisionEncoder(nn.Module):
         t, c, p, pp = d.max_num_tiles, d.vision_hidden_size, d.num_patches, d.padded_patches
         ar = aspect_ratio_ids.reshape(1).long()
         x = F.conv2d(pixel_values, self.patch_embedding, stride=d.patch_size)  # [T,C,g,g]
-        x = x.flatten(2).transpose(1, 2)  # [T,g*g,C]
+        x = x.reshape(t, c, p - 1).transpose(1, 2)  # [T,g*g,C] (static reshape: flatten would emit Shape)
         x = x + torch.index_select(self.pre_tile, 0, ar).view(t, 1, c)
         x = torch.cat([self.class_rows, x], dim=1)  # [T,P,C]
         x = x + self.position + torch.index_select(self.tile_position, 0, ar).view(t, p, c)
