@@ -43,6 +43,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, seq_length: int, de
     weights = CheckpointWeights(model_dir, dims.tie_word_embeddings)
     pieces_dir = _writable(out_dir) / "pieces"
     pieces_dir.mkdir(exist_ok=True)
+    for stale in pieces_dir.glob(".tmp-*"):  # left by an interrupted run: never a finished piece
+        shutil.rmtree(stale, ignore_errors=True)
 
     manifest_path = out_dir / "manifest.json"
     fingerprint = _fingerprint(model_dir, seq_length)
