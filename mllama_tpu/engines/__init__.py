@@ -20,8 +20,15 @@ def open_engine(backend: str, model: str | Path, devids: Sequence[int] = (0,)) -
     if backend == "onnx":
         from mllama_tpu.engines.onnx import OnnxEngine
 
+        if path.is_file():
+            raise UserError(f"{path} is a file; --backend onnx takes an export dir (for a .bmodel use --backend bmodel)")
+
         return OnnxEngine(path)
     if backend == "bmodel":
+        if path.is_dir():
+            raise UserError(
+                f"{path} is a directory; --backend bmodel takes a NAME.bmodel file (for an export dir use --backend onnx)"
+            )
         if not path.is_file():
             raise UserError(f"bmodel {path} not found: pass the compiled NAME.bmodel with -m")
         try:
