@@ -236,6 +236,12 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = []
 
+    @property
+    def answer_room(self) -> int:
+        """Tokens a kept conversation must leave free for the answer; below that it starts afresh
+        (a history that only just fits would cut the answer after a token or two)."""
+        return min(self.max_new_tokens, max(1, self.engine.seq_length // 8))
+
     def _history(self) -> list[dict]:
         return self.messages if self.enable_history else []
 
@@ -277,6 +283,8 @@ class ChatSession:
         restarted = False
         try:
             prompt = self._prompt(convo)
+            if history and prompt.num_tokens + self.answer_room > self.engine.seq_length:
+                raise PromptTooLong(prompt.num_tokens, self.engine.seq_length)
         except PromptTooLong as e:
             if not history:
                 raise UserError(f"{e}: ask a shorter question") from None

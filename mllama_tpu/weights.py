@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -77,14 +78,35 @@ class CheckpointWeights:
     def names(self, prefix: str = "") -> list[str]:
         return sorted(n for n in self._where if n.startswith(prefix))
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, transpose: bool = False) -> torch.Tensor:
+        """One tensor as f32 (2-D ones optionally transposed to [in, out]).
+
+        Large tensors are read in row slices straight into the f32 result, so reading
+        the 2 GB embedding costs 2 GB, not 2 GB plus a bf16 copy plus a transposed one.
+        """
         if name not in self._where:
             raise UserError(f"tensor {name} not found in {self.model_dir}; the checkpoint is incomplete "
                             "or does not match its config.json")
         path, key = self._where[name]
         with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key).to(torch.float32)
+            sl = f.get_slice(key)
+            shape = list(sl.get_shape())
+            if len(shape) != 2:
+                if transpose:
+                    raise ValueError(f"cannot transpose {name} of shape {shape}")
+                return f.get_tensor(key).to(torch.float32)
+            rows, cols = shape
+            out = torch.empty((cols, rows) if transpose else (rows, cols), dtype=torch.float32)
+            step = max(1, (1 << 24) // max(cols, 1))  # ~16M elements per slice
+            for i in range(0, rows, step):
+                part = sl[i:i + step].to(torch.float32)
+                if transpose:
+                    out[:, i:i + step] = part.t()
+                else:
+                    out[i:i + step] = part
+            return out
 
-    def group(self, prefix: str) -> dict[str, torch.Tensor]:
-        """All tensors under `prefix`, keyed by the rest of their name."""
-        return {n[len(prefix):]: self.get(n) for n in self.names(prefix)}
+    def group(self, prefix: str, transpose: Callable[[str], bool] = lambda name: False) -> dict[str, torch.Tensor]:
+        """All tensors under `prefix`, keyed by the rest of their name; those for which
+        `transpose(name)` holds come as [in, out]."""
+        return {n[len(prefix):]: self.get(n, transpose(n)) for n in self.names(prefix)}

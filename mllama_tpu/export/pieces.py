@@ -29,6 +29,12 @@ class Piece:
     outputs: list[str]
 
 
+def is_projection(name: str) -> bool:
+    """Weights that Linear takes as [in, out]."""
+    return name.endswith(("_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")) or name in (
+        "lm_head.weight", "projector.weight")
+
+
 def top_k(dims: ModelDims) -> int:
     return min(TOP_K_MAX, dims.vocab_size)
 
@@ -51,7 +57,8 @@ def build_piece(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int
         return Piece(name, Embedding(weights.get("text.embed_tokens.weight")),
                      {"input_ids": zeros(1, n, dtype=i32)}, ["hidden_states"])
     if name == "lm_head":
-        return Piece(name, LmHead(weights.get("text.norm.weight"), weights.get("lm_head.weight"), dims.rms_norm_eps),
+        return Piece(name, LmHead(weights.get("text.norm.weight"), weights.get("lm_head.weight", transpose=True),
+                                    dims.rms_norm_eps),
                      {"hidden_states": zeros(1, h)}, ["logits"])
     if name == "greedy_head":
         return Piece(name, GreedyHead(), {"logits": torch.randn(1, dims.vocab_size)}, ["token"])
@@ -62,7 +69,8 @@ def build_piece(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int
                       "repeat_penalty": torch.tensor([1.1])},
                      ["probs", "tokens"])
     if name == "vit":
-        module = VisionEncoder(weights.group("vision."), weights.group("projector."), dims)
+        module = VisionEncoder(weights.group("vision.", is_projection),
+                               weights.group("projector.", lambda n: n == "projector.weight"), dims)
         return Piece(name, module,
                      {"pixel_values": zeros(t, dims.num_channels, s, s), "aspect_ratio_ids": torch.ones(1, 1, dtype=i32),
                       "aspect_ratio_mask": torch.ones(1, t, dtype=i32)},
@@ -71,7 +79,7 @@ def build_piece(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int
     if not (cache or name.startswith("block_")):
         raise ValueError(f"unknown piece {name!r}")
     layer = int(name.rsplit("_", 1)[1])
-    w = weights.group(f"text.layers.{layer}.")
+    w = weights.group(f"text.layers.{layer}.", is_projection)
     if dims.layer_kinds[layer] == "self":
         cos, sin = rotary_tables(dims, seq + 1)  # positions 0..seq (one spare row)
         module = SelfAttentionBlock(w, dims, cos, sin, cache)

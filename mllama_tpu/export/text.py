@@ -3,7 +3,8 @@
 Static shapes only; KV in the layout the engine keeps on device, [1, seq, kv_heads, head_dim];
 rotary by gathering precomputed cos/sin rows with `position_ids`; masks are additive f32
 inputs. Weights come in as a dict of f32 tensors named as in the checkpoint under
-`text.layers.{i}.` (see mllama_tpu.weights), so each block loads only its own tensors.
+`text.layers.{i}.` (see mllama_tpu.weights), projection weights already [in, out]; each
+module pops what it takes, so no second reference keeps a converted tensor alive.
 """
 from __future__ import annotations
 
@@ -29,23 +30,26 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """Bias-free projection holding the checkpoint's [out, in] weight."""
+    """Projection y = x @ W_t (+ b) with the weight given as [in, out] (the checkpoint's
+    [out, in] transposed while reading): the ONNX MatMul then reads the initializer as is,
+    while a Transpose left for constant folding would copy every weight during export."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.weight = _const(weight)
+        self.weight_t = _const(weight_t)
         self.bias = _const(bias) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = torch.matmul(x, self.weight_t)
+        return y + self.bias if self.bias is not None else y
 
 
 class GatedMLP(nn.Module):
     def __init__(self, w: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        self.gate_proj = Linear(w["mlp.gate_proj.weight"])
-        self.up_proj = Linear(w["mlp.up_proj.weight"])
-        self.down_proj = Linear(w["mlp.down_proj.weight"])
+        self.gate_proj = Linear(w.pop("mlp.gate_proj.weight"))
+        self.up_proj = Linear(w.pop("mlp.up_proj.weight"))
+        self.down_proj = Linear(w.pop("mlp.down_proj.weight"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -79,12 +83,12 @@ class SelfAttentionBlock(nn.Module):
                  cache: bool) -> None:
         super().__init__()
         self.dims, self.cache = dims, cache
-        self.input_layernorm = RMSNorm(w["input_layernorm.weight"], dims.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(w["post_attention_layernorm.weight"], dims.rms_norm_eps)
-        self.q_proj = Linear(w["self_attn.q_proj.weight"])
-        self.k_proj = Linear(w["self_attn.k_proj.weight"])
-        self.v_proj = Linear(w["self_attn.v_proj.weight"])
-        self.o_proj = Linear(w["self_attn.o_proj.weight"])
+        self.input_layernorm = RMSNorm(w.pop("input_layernorm.weight"), dims.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(w.pop("post_attention_layernorm.weight"), dims.rms_norm_eps)
+        self.q_proj = Linear(w.pop("self_attn.q_proj.weight"))
+        self.k_proj = Linear(w.pop("self_attn.k_proj.weight"))
+        self.v_proj = Linear(w.pop("self_attn.v_proj.weight"))
+        self.o_proj = Linear(w.pop("self_attn.o_proj.weight"))
         self.mlp = GatedMLP(w)
         self.cos, self.sin = _const(cos), _const(sin)
 
@@ -116,19 +120,19 @@ class CrossAttentionBlock(nn.Module):
     def __init__(self, w: dict[str, torch.Tensor], dims: ModelDims, cache: bool) -> None:
         super().__init__()
         self.dims, self.cache = dims, cache
-        self.input_layernorm = RMSNorm(w["input_layernorm.weight"], dims.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(w["post_attention_layernorm.weight"], dims.rms_norm_eps)
-        self.q_proj = Linear(w["cross_attn.q_proj.weight"])
-        self.o_proj = Linear(w["cross_attn.o_proj.weight"])
-        self.q_norm = RMSNorm(w["cross_attn.q_norm.weight"], dims.rms_norm_eps)
+        self.input_layernorm = RMSNorm(w.pop("input_layernorm.weight"), dims.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(w.pop("post_attention_layernorm.weight"), dims.rms_norm_eps)
+        self.q_proj = Linear(w.pop("cross_attn.q_proj.weight"))
+        self.o_proj = Linear(w.pop("cross_attn.o_proj.weight"))
+        self.q_norm = RMSNorm(w.pop("cross_attn.q_norm.weight"), dims.rms_norm_eps)
         if not cache:
-            self.k_proj = Linear(w["cross_attn.k_proj.weight"])
-            self.v_proj = Linear(w["cross_attn.v_proj.weight"])
-            self.k_norm = RMSNorm(w["cross_attn.k_norm.weight"], dims.rms_norm_eps)
+            self.k_proj = Linear(w.pop("cross_attn.k_proj.weight"))
+            self.v_proj = Linear(w.pop("cross_attn.v_proj.weight"))
+            self.k_norm = RMSNorm(w.pop("cross_attn.k_norm.weight"), dims.rms_norm_eps)
         self.mlp = GatedMLP(w)
         # Gates are constants of the checkpoint: fold tanh now.
-        self.attn_gate = float(torch.tanh(w["cross_attn_attn_gate"].float()).item())
-        self.mlp_gate = float(torch.tanh(w["cross_attn_mlp_gate"].float()).item())
+        self.attn_gate = float(torch.tanh(w.pop("cross_attn_attn_gate").float()).item())
+        self.mlp_gate = float(torch.tanh(w.pop("cross_attn_mlp_gate").float()).item())
 
     def image_kv(self, cross_attention_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dims
@@ -169,10 +173,10 @@ class Embedding(nn.Module):
 class LmHead(nn.Module):
     """Final RMSNorm + vocabulary projection for the last token: [1,H] -> [1,V]."""
 
-    def __init__(self, norm: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    def __init__(self, norm: torch.Tensor, weight_t: torch.Tensor, eps: float) -> None:
         super().__init__()
         self.norm = RMSNorm(norm, eps)
-        self.proj = Linear(weight)
+        self.proj = Linear(weight_t)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(hidden_states))

@@ -25,7 +25,7 @@ MASK_VALUE = -10000.0  # additive "hidden" value used across the project (f16/bf
 class LayerNorm(nn.Module):
     def __init__(self, w: dict[str, torch.Tensor], prefix: str, eps: float) -> None:
         super().__init__()
-        self.weight, self.bias, self.eps = _const(w[prefix + ".weight"]), _const(w[prefix + ".bias"]), eps
+        self.weight, self.bias, self.eps = _const(w.pop(prefix + ".weight")), _const(w.pop(prefix + ".bias")), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
@@ -39,11 +39,11 @@ class VisionLayer(nn.Module):
         self.input_layernorm = LayerNorm(w, p + "input_layernorm", eps)
         self.post_attention_layernorm = LayerNorm(w, p + "post_attention_layernorm", eps)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
-            Linear(w[p + f"self_attn.{n}_proj.weight"]) for n in "qkvo")
-        self.fc1 = Linear(w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"])
-        self.fc2 = Linear(w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"])
-        self.gate_attn = float(torch.tanh(w[p + "gate_attn"]).item()) if gated else 1.0
-        self.gate_ffn = float(torch.tanh(w[p + "gate_ffn"]).item()) if gated else 1.0
+            Linear(w.pop(p + f"self_attn.{n}_proj.weight")) for n in "qkvo")
+        self.fc1 = Linear(w.pop(p + "mlp.fc1.weight"), w.pop(p + "mlp.fc1.bias"))
+        self.fc2 = Linear(w.pop(p + "mlp.fc2.weight"), w.pop(p + "mlp.fc2.bias"))
+        self.gate_attn = float(torch.tanh(w.pop(p + "gate_attn")).item()) if gated else 1.0
+        self.gate_ffn = float(torch.tanh(w.pop(p + "gate_ffn")).item()) if gated else 1.0
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
@@ -61,15 +61,15 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.dims = dims
         t, c, p = dims.max_num_tiles, dims.vision_hidden_size, dims.num_patches
-        self.patch_embedding = _const(w["patch_embedding.weight"])
-        self.class_rows = _const(w["class_embedding"].view(1, 1, c).expand(t, 1, c))
-        pre_gate = torch.tanh(w["pre_tile_positional_embedding.gate"])
-        post_gate = torch.tanh(w["post_tile_positional_embedding.gate"])
-        pos_gate = torch.tanh(w["gated_positional_embedding.gate"])
-        self.pre_tile = _const(w["pre_tile_positional_embedding.embedding.weight"] * pre_gate)
-        self.post_tile = _const(w["post_tile_positional_embedding.embedding.weight"] * post_gate)
-        self.position = _const((1 - pos_gate) * w["gated_positional_embedding.embedding"])
-        self.tile_position = _const(w["gated_positional_embedding.tile_embedding.weight"] * pos_gate)
+        self.patch_embedding = _const(w.pop("patch_embedding.weight"))
+        self.class_rows = _const(w.pop("class_embedding").view(1, 1, c).expand(t, 1, c))
+        pre_gate = torch.tanh(w.pop("pre_tile_positional_embedding.gate"))
+        post_gate = torch.tanh(w.pop("post_tile_positional_embedding.gate"))
+        pos_gate = torch.tanh(w.pop("gated_positional_embedding.gate"))
+        self.pre_tile = _const(w.pop("pre_tile_positional_embedding.embedding.weight") * pre_gate)
+        self.post_tile = _const(w.pop("post_tile_positional_embedding.embedding.weight") * post_gate)
+        self.position = _const((1 - pos_gate) * w.pop("gated_positional_embedding.embedding"))
+        self.tile_position = _const(w.pop("gated_positional_embedding.tile_embedding.weight") * pos_gate)
         self.layernorm_pre = LayerNorm(w, "layernorm_pre", 1e-5)  # nn.LayerNorm default eps
         self.layernorm_post = LayerNorm(w, "layernorm_post", 1e-5)
         self.local_layers = nn.ModuleList(
