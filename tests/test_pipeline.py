@@ -293,6 +293,9 @@ def test_history(engine, token_config, images):
     assert any(restarted)
     assert [m["role"] for m in s.messages][:2] == ["user", "assistant"]
     assert s.messages[0]["content"][0] == {"type": "image"}
+    out = io.StringIO()
+    run_scripted(s, [q] * 4, as_json=False, out=out)
+    assert "no longer fit" in out.getvalue()
 
 
 def test_vision_encoder_runs_once_per_image(engine, token_config, images, monkeypatch):
