@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mllama_tpu.config import ModelDims
 from mllama_tpu.engines.base import Engine, SamplingParams, draw_token
 from mllama_tpu.errors import UserError
 from mllama_tpu.inputs import ImageInputs, PrefillInputs, decode_self_mask
@@ -51,18 +52,24 @@ class OnnxEngine(Engine):
     def __init__(self, export_dir: str | Path, threads: int | None = None):
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
-        dims = self.manifest["dims"]
+        self.dims = ModelDims.from_manifest(self.manifest)
         self.seq_length = int(self.manifest["seq_length"])
-        self.hidden_size = int(dims["hidden_size"])
-        self.vocab_size = int(dims["vocab_size"])
-        self.max_tiles = int(dims["max_num_tiles"])
-        self.num_patches = int(dims["num_patches"])
-        self.layers: list[str] = list(self.manifest["layers"])
-        self.eos_token_ids = [int(t) for t in self.manifest.get("eos_token_ids", [])]
-        itid = self.manifest.get("image_token_id")
-        self.image_token_id = int(itid) if itid is not None else None
+        self.hidden_size = self.dims.hidden_size
+        self.vocab_size = self.dims.vocab_size
+        self.max_tiles = self.dims.max_num_tiles
+        self.num_patches = self.dims.num_patches
+        self.layers: list[str] = list(self.manifest.get("layers") or self.dims.layer_kinds)
+        self.eos_token_ids = [int(t) for t in self.manifest.get("eos_token_ids", self.dims.eos_token_ids)]
+        self.image_token_id = int(self.manifest.get("image_token_id", self.dims.image_token_id))
         self.recent_window = int(self.manifest.get("sampling", {}).get("recent_ids", 0))
         self._threads = threads or min(4, os.cpu_count() or 1)
+        needed = ["embedding", "embedding_cache", "lm_head", "greedy_head", "penalty_sample_head", "vit"]
+        needed += [f"{kind}_{i}" for i in range(len(self.layers)) for kind in ("block", "block_cache")]
+        missing = [n for n in needed if n not in self.manifest["pieces"]]
+        if missing:
+            raise UserError(
+                f"{self.export_dir} lacks net(s) {', '.join(missing)}: the export is incomplete, re-run it"
+            )
         for name, piece in self.manifest["pieces"].items():
             if not (self.export_dir / piece["file"]).is_file():
                 raise UserError(
