@@ -181,10 +181,16 @@ def open_processor(token_config: str | Path) -> Any:
     if not path.is_dir():
         raise UserError(f"token_config {path} not found: pass the token_config/ dir exported with the model (-t)")
     try:
-        return load_processor(path)
+        processor = load_processor(path)
     except Exception as e:  # transformers raises many kinds (OSError, ValueError, KeyError) for a bad dir
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load the tokenizer/processor from {path} ({first}): pass a token_config/ dir") from None
+    if not hasattr(processor, "image_processor") or getattr(processor, "image_token_id", None) is None:
+        raise UserError(
+            f"{path} holds no Mllama processor (tokenizer + image processor + <|image|>): "
+            "pass the token_config/ exported with the model (-t)"
+        )
+    return processor
 
 
 @dataclass
@@ -371,7 +377,10 @@ def _read(prompt: str, inp: TextIO, out: TextIO) -> str | None:
 
 
 def run_interactive(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
-    """The chat loop: q/quit/exit ends, clear/new starts over (and offers a new image)."""
+    """The chat loop: q/quit/exit ends, clear/new starts over (and offers a new image).
+
+    A refused turn (bad image path, prompt too long) prints one line and the loop goes on.
+    """
     print(
         "Type a question; 'clear' or 'new' starts a new conversation, 'q', 'quit' or 'exit' ends.",
         file=out,
@@ -398,6 +407,10 @@ def run_interactive(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO =
             )
         except UserError as e:
             print(f"error: {e}", file=out, flush=True)
+            continue
+        except KeyboardInterrupt:
+            # Ctrl-C while answering stops the answer, not the chat (at the prompt it ends it).
+            print("\n(answer interrupted; it is not kept in the history)", file=out, flush=True)
             continue
         print(file=out)
         for n in notices(turn):

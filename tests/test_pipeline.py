@@ -231,6 +231,9 @@ def test_token_config_of_another_model_is_refused(engine, token_config, tmp_path
     proc.save_pretrained(tmp_path / "other")
     with pytest.raises(UserError, match="405 tokens but the model's vocabulary is 384"):
         ChatSession.create(engine, tmp_path / "other")
+    proc.tokenizer.save_pretrained(tmp_path / "tokenizer_only")  # no image processor
+    with pytest.raises(UserError, match="tokenizer_only"):
+        ChatSession.create(engine, tmp_path / "tokenizer_only")
 
 
 @pytest.mark.slow
