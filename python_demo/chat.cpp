@@ -166,6 +166,10 @@ static std::vector<double> decode_raw(const uint8_t* src, size_t n, bm_data_type
   return out;
 }
 
+static double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
 // =========================================================================================
 // 2. Device and bmodel: RAII handles, discovery
 // =========================================================================================
@@ -334,6 +338,8 @@ class Engine {
     rt_.reset();
     dev_.reset();
     allocated_ = 0;
+    net_stats_.clear();
+    is_cross_.clear(), cross_layers.clear();
     image_ready_ = cross_ready_ = false;
     token_pos_ = 0;
   }
@@ -345,6 +351,11 @@ class Engine {
   std::unique_ptr<Runtime> rt_;
   std::map<std::string, Net> nets_;
   std::vector<bool> is_cross_;
+  struct NetStat {
+    long runs = 0;
+    double ms = 0;
+  };
+  std::map<std::string, NetStat> net_stats_;  // launches and time per net, for profiling
   std::string bmodel_path_;
   size_t allocated_ = 0;  // bytes of device memory this engine allocated itself
 
@@ -552,9 +563,13 @@ class Engine {
       out[i].st_mode = BM_STORE_1N;
       views[i] = View{target->mem(), n.out_dtype(i), n.out_count(i)};
     }
+    const auto t0 = std::chrono::steady_clock::now();
     if (!bmrt_launch_tensor_ex(rt_->get(), n.name.c_str(), in.data(), ni, out.data(), no, true, false))
       fail("bmrt_launch_tensor_ex failed for net '" + n.name + "'");
     check_bm(bm_thread_sync(dev_->handle()), "bm_thread_sync", "net '" + n.name + "'");
+    NetStat& st = net_stats_[n.name];
+    ++st.runs;
+    st.ms += ms_since(t0);
     return views;
   }
 
@@ -728,10 +743,6 @@ class Engine {
                                   std::to_string(want));
   }
 
-  static double ms_since(std::chrono::steady_clock::time_point t0) {
-    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  }
-
   void store_whole(const View& v, const DeviceMem& dst, bm_data_type_t dt, const std::string& what) {
     copy(v, 0, dst.mem(), dt, 0, v.count, what);
   }
@@ -759,8 +770,8 @@ class Engine {
     require_ready();
     if (history_.empty()) fail("decode before prefill: call prefill first");
     if (token_pos_ >= SEQLEN)
-      throw SeqlenReached("the conversation reached SEQLEN " + std::to_string(SEQLEN) +
-                          " tokens of this bmodel; start a new one or compile with a larger --seq_length");
+      throw SeqlenReached("the KV cache is full (SEQLEN " + std::to_string(SEQLEN) +
+                          " tokens of this bmodel); start a new conversation or compile with a larger --seq_length");
     const auto t0 = std::chrono::steady_clock::now();
     Net& emb = net("embedding_cache");
     const int32_t id = token;
@@ -848,12 +859,13 @@ class Engine {
 
   int sample_head(const View& logits) {
     Net& s = net("penalty_sample_head");
-    // Recent ids: the last repeat_last_n ids seen, padded by repeating one of them (a repeated
-    // id is penalised once, so padding changes nothing). None wanted: penalty 1 (no-op).
+    // Recent ids: the last repeat_last_n ids seen, oldest first, padded in front by repeating
+    // the oldest (a repeated id is penalised once, so padding changes nothing; same layout as
+    // the ONNX reference engine). None wanted: penalty 1 (no-op).
     const size_t r = static_cast<size_t>(RECENT_IDS);
     const size_t take = std::min({static_cast<size_t>(sampling_.repeat_last_n), r, history_.size()});
-    std::vector<int32_t> recent(r, history_.back());
-    std::copy(history_.end() - take, history_.end(), recent.begin());
+    std::vector<int32_t> recent(r, *(history_.end() - std::max<size_t>(take, 1)));
+    std::copy(history_.end() - take, history_.end(), recent.end() - take);
     const float penalty = take ? sampling_.repeat_penalty : 1.0f;
     auto o = launch(s, {{"logits", logits},
                         {"recent_ids", upload_input(s, "recent_ids", recent.data(), r)},
@@ -914,6 +926,14 @@ class Engine {
     py::dict d;
     d["inputs"] = describe(false);
     d["outputs"] = describe(true);
+    return d;
+  }
+
+  // {net: (launches, total ms)} since init or the last reset.
+  py::dict net_stats(bool reset) {
+    py::dict d;
+    for (const auto& kv : net_stats_) d[py::str(kv.first)] = py::make_tuple(kv.second.runs, kv.second.ms);
+    if (reset) net_stats_.clear();
     return d;
   }
 
@@ -1004,13 +1024,15 @@ PYBIND11_MODULE(chat, m) {
           "set_sampling",
           [](Engine& e, const std::string& mode, float temperature, float top_p, int top_k, float repeat_penalty,
              int repeat_last_n, uint64_t seed) {
-            if (mode != "greedy" && mode != "sample")
-              throw std::invalid_argument("sampling mode must be 'greedy' or 'sample', got '" + mode + "'");
-            e.set_sampling(mode == "sample", temperature, top_p, top_k, repeat_penalty, repeat_last_n, seed);
+            if (mode != "greedy" && mode != "penalty_sample")
+              throw std::invalid_argument("sampling mode must be 'greedy' or 'penalty_sample', got '" + mode + "'");
+            e.set_sampling(mode == "penalty_sample", temperature, top_p, top_k, repeat_penalty, repeat_last_n, seed);
           },
           py::arg("mode") = "greedy", py::arg("temperature") = 1.0f, py::arg("top_p") = 1.0f, py::arg("top_k") = 1,
           py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64, py::arg("seed") = 42)
       .def("memory_info", &Engine::memory_info)
       .def("net_io", &Engine::net_io, py::arg("name"))
+      .def("net_stats", &Engine::net_stats, py::arg("reset") = false,
+           "{net: (launches, total ms)}: where device time goes (profiling, benchmarks).")
       .def("net_names", &Engine::net_names);
 }
