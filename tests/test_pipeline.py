@@ -143,6 +143,18 @@ def test_scripted_json(backend, model_path, images, engine, token_config):
         assert turn.answer == s.tokenizer.decode(turn.tokens, skip_special_tokens=True)
 
 
+def test_cli_sampling_flags(backend, model_path, images):
+    args = ["--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "12",
+            "--generation_mode", "penalty_sample", "--temperature", "1.5", "--top_p", "0.95", "--top_k", "20",
+            "--repeat_penalty", "1.2", "--repeat_last_n", "8", "--seed", "11", "-q", QUESTION, "-q", QUESTION, "--json"]
+    runs = [run_cli(*args) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    tokens = [[json.loads(l)["tokens"] for l in r.stdout.splitlines()] for r in runs]
+    assert tokens[0] == tokens[1]  # same seed, same answers, turn by turn
+    bad = run_cli("--backend", backend, "-m", str(model_path), "--temperature", "-1", "-q", QUESTION)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: temperature must be >= 0")
+
+
 def test_interactive_over_stdin(backend, model_path, images):
     script = "\n".join([
         "",  # empty question: asked again
