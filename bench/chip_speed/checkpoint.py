@@ -69,10 +69,11 @@ class Reduced:
     """The reduced depth actually built: text layer 0 is self-attention, 1 is cross."""
     text_layers: int = 2
     cross_layers: tuple[int, ...] = (1,)
-    vision_layers: int = 5  # enough to hold the 5 intermediate-feature taps
+    # Enough local layers for the 5 intermediate-feature taps. transformers 5 (and our export)
+    # read tap i after local layer i; llm_convert taps after layer i-1 and cannot tap 0. Taps
+    # 1..5 over 6 layers are valid for both (same shapes, so the same cost either way).
+    vision_layers: int = 6
     vision_global_layers: int = 1
-    # hidden-state taps (0 = patch embeddings): 1..5 = outputs of the 5 layers, as the
-    # real [3, 7, 15, 23, 30] are all layer outputs (llm_convert cannot tap index 0).
     intermediate_layers_indices: tuple[int, ...] = field(default=(1, 2, 3, 4, 5))
 
 
@@ -152,8 +153,12 @@ def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> t
 
 
 def make_checkpoint(out_dir: str | Path, dims: Dims, reduced: Reduced = Reduced(),
-                    seed: int = 0) -> Path:
-    """Write config.json + model.safetensors (bf16, random) unless already there. Returns dir."""
+                    seed: int = 0, vision_only: bool = False) -> Path:
+    """Write config.json + model.safetensors (bf16, random) unless already there. Returns dir.
+
+    vision_only: write only the vision encoder and projector (what the vit net reads), for the
+    extra vision depths; the 2 GB embedding and lm_head are not needed there.
+    """
     from safetensors.torch import save_file
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
@@ -170,6 +175,12 @@ def make_checkpoint(out_dir: str | Path, dims: Dims, reduced: Reduced = Reduced(
     tensors = {}
     for key, p in model.state_dict().items():
         name = _hub_name(key)
+        if vision_only and name.startswith("language_model."):
+            # Our weight loader checks for the text embedding to recognise the checkpoint;
+            # zeros cost no random draws and the vit never reads them.
+            if name == "language_model.model.embed_tokens.weight":
+                tensors[name] = torch.zeros(tuple(p.shape), dtype=torch.bfloat16)
+            continue
         tensors[name] = _random_tensor(name, tuple(p.shape), gen)
     tmp = out / "model.safetensors.partial"
     save_file(tensors, str(tmp), metadata={"format": "pt"})

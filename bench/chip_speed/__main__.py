@@ -1,0 +1,136 @@
+"""Chip-speed benchmark: our export + compile vs TPU-MLIR's llm_convert.py, by the compiler's
+own BM1684X cycle estimates. One command (from the repo root):
+
+    nice -n 19 .venv/bin/python -m bench.chip_speed            # 11B dims, everything
+    nice -n 19 .venv/bin/python -m bench.chip_speed --stages decode --sides llm_convert
+
+Writes WORK/chip_speed_<model>.json and .md and prints the table. Every piece is cached
+(checkpoint, ONNX, each net's bmodel + profile), so a second run only re-reads profiles.
+See bench/README.md for what is measured and how it extrapolates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+from mllama_tpu.errors import UserError, cli_main
+
+from .checkpoint import DIMS, Reduced, make_checkpoint
+from .nets import net_cost
+from .report import SideResult, build, table
+
+STAGES = {
+    "decode": ["embedding_cache", "block_cache_0", "block_cache_1", "lm_head"],
+    "prefill": ["embedding", "block_0", "block_1"],
+    "vit": ["vit"],
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _side(name: str, build_fn, ckpt: Path, work: Path, seq: int, nets: list[str],
+          costs: dict, errors: dict, rename: dict[str, str] | None = None) -> None:
+    """Build nets one by one (a failure costs that net only) and read their estimates."""
+    for net in nets:
+        key = (rename or {}).get(net, net)
+        try:
+            dirs = build_fn(ckpt, work, seq, [net], log=_log)
+            costs[key] = net_cost(net, dirs[net])
+            c = costs[key]
+            _log(f"[{name}] {key}: {c.ms:.3f} ms, weights {c.weight_bytes / 1e6:.1f} MB")
+        except Exception as e:  # recorded in the report: one broken net must not hide the rest
+            errors[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+            _log(f"[{name}] {key} FAILED: {errors[key]}")
+            traceback.print_exc()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model not in ("11b", "90b", "tiny"):
+        raise UserError(f"--model {args.model!r}: use 11b, 90b or tiny")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise UserError(f"--stages: unknown {', '.join(bad)}; use any of {', '.join(STAGES)}")
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if set(sides) - {"ours", "llm_convert"}:
+        raise UserError(f"--sides {args.sides!r}: use ours and/or llm_convert")
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
+
+    dims = DIMS[args.model]
+    r1 = Reduced() if args.model != "tiny" else Reduced(vision_layers=3,
+                                                         intermediate_layers_indices=(1, 2))
+    # The vit is also built one local and one global layer deeper, for its per-layer cost.
+    r2 = replace(r1, vision_layers=r1.vision_layers + 1,
+                 vision_global_layers=r1.vision_global_layers + 1)
+    work = Path(args.work).resolve() / args.model
+    t0 = time.time()
+    _log(f"checkpoint {args.model} (cached in {work})")
+    ckpt = make_checkpoint(work / "ckpt", dims, r1)  # the text nets
+    vit1 = deep = None
+    if "vit" in stages:  # vision-only checkpoints (small): the vit at one or two depths
+        vit1 = make_checkpoint(work / "ckpt-vit", dims, r1, vision_only=True)
+        if args.vit_depths == 2:
+            deep = make_checkpoint(work / "ckpt-vit-deep", dims, r2, vision_only=True)
+
+    from .llmc import build_llmc
+    from .ours import build_ours
+
+    def ours_fn(ck, w, seq, nets, log):
+        return build_ours(ck, w, seq, nets, log=log)
+
+    def llmc_fn(ck, w, seq, nets, log):
+        return build_llmc(ck, w, seq, nets, log=log)
+
+    results = []
+    for side in sides:
+        fn, sub = (ours_fn, "ours") if side == "ours" else (llmc_fn, "llm_convert")
+        costs, errors = {}, {}
+        for stage in stages:
+            nets = list(STAGES[stage])
+            if side == "ours" and stage == "decode":
+                nets.append("greedy_head")  # ours keeps top-1 in its own net
+            if stage == "vit":
+                _side(side, fn, vit1, work / f"{sub}-vit", args.seq_length, nets, costs, errors)
+            else:
+                _side(side, fn, ckpt, work / sub, args.seq_length, nets, costs, errors)
+            if stage == "vit" and deep is not None:
+                _side(side, fn, deep, work / f"{sub}-vit-deep", args.seq_length, ["vit"],
+                      costs, errors, rename={"vit": "vit_deep"})
+        results.append(SideResult(side, costs, errors))
+
+    res = build(dims, args.seq_length, results, r1, r2 if deep is not None else None)
+    res["wall_s"] = round(time.time() - t0, 1)
+    md = table(res)
+    out = work / f"chip_speed_{args.model}.json"
+    out.write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    _log(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.chip_speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="11b", help="11b | 90b | tiny (dims; default 11b)")
+    p.add_argument("-s", "--seq_length", type=int, default=512)
+    p.add_argument("--stages", default="decode,prefill,vit",
+                   help="comma list of decode, prefill, vit (default all)")
+    p.add_argument("--sides", default="ours,llm_convert")
+    p.add_argument("--vit_depths", type=int, default=2, choices=(1, 2),
+                   help="build the vit at 2 depths to extrapolate its per-layer cost (default)")
+    p.add_argument("--work", default="build/chip_speed", help="cache dir (default build/chip_speed)")
+    args = p.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,73 @@
+"""Our side: mllama_tpu.export to ONNX pieces, then each piece through TPU-MLIR with our policy.
+
+Each net is compiled alone in its own directory (model_transform.py + model_deploy.py with the
+flags mllama_tpu.compile.policy gives that piece), so its compiler_profile_0.txt is its own and
+a net whose ONNX did not change is not rebuilt. The flags are the compile stage's, so what is
+measured is our export graph + our compile options.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mllama_tpu.compile.policy import piece_policy
+
+_BIN = Path(sys.executable).parent
+
+
+def _run(cmd: list[str], cwd: Path, log: Path) -> None:
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"{cmd[0]} failed (exit {rc}) in {cwd}; log {log}:\n" + "\n".join(tail))
+
+
+def _shape_arg(specs: list[dict]) -> str:
+    return "[" + ",".join("[" + ",".join(str(d) for d in s["shape"]) + "]" for s in specs) + "]"
+
+
+def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, group: int,
+                  chip: str) -> Path:
+    """Compile one exported piece alone; returns its working dir (bmodel + profile inside)."""
+    d = work / net
+    d.mkdir(parents=True, exist_ok=True)
+    bmodel = d / f"{net}.bmodel"
+    stamp = d / "stamp.json"
+    key = {"sha256": entry["sha256"], "mode": mode, "group": group, "chip": chip}
+    if bmodel.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
+        return d
+    bmodel.unlink(missing_ok=True)
+    log = d / "compile.log"
+    log.write_text("")
+    ins = entry["inputs"]
+    outs = entry["outputs"]
+    _run([str(_BIN / "model_transform.py"), "--model_name", net,
+          "--model_def", str((onnx_dir / entry["file"]).resolve()),
+          "--input_shapes", _shape_arg(ins), "--mlir", f"{net}.mlir"], d, log)
+    pol = piece_policy(net, mode, group, [i["name"] for i in ins], [o["name"] for o in outs])
+    _run([str(_BIN / "model_deploy.py"), "--mlir", f"{net}.mlir", "--chip", chip,
+          "--model", bmodel.name, *pol.deploy_args()], d, log)
+    stamp.write_text(json.dumps(key))
+    return d
+
+
+def build_ours(ckpt: Path, work: Path, seq_length: int, nets: list[str], mode: str = "int4",
+               group: int = 64, chip: str = "bm1684x", log=print) -> dict[str, Path]:
+    """Export the named pieces (cached by the export's own manifest) and compile each."""
+    from mllama_tpu.export import export_model
+
+    onnx_dir = work / "onnx"
+    log(f"[ours] export {', '.join(nets)}")
+    manifest = json.loads(Path(export_model(ckpt, onnx_dir, seq_length, only=nets,
+                                            progress=False)).read_text())
+    dirs = {}
+    for net in nets:
+        log(f"[ours] compile {net}")
+        dirs[net] = compile_piece(net, manifest["pieces"][net], onnx_dir, work / "compile",
+                                  mode, group, chip)
+    return dirs
