@@ -14,7 +14,8 @@ layers are counted like local ones: same shapes, two scalar gates more). With on
 the vit figure is reported at its reduced depth and flagged.
 
 Floor: the bytes a decode step must read from DDR (the weights of every decode net, from the
-bmodels' coefficient sizes; and, second figure, also the KV cache each layer attends over)
+bmodels' coefficient sizes, but one row of the embedding table; and, second figure, also the
+KV cache each layer attends over, bf16)
 divided by the peak DDR bandwidth the cost model itself uses (read back from its profiles).
 """
 from __future__ import annotations
@@ -107,7 +108,10 @@ def floor(ours: SideResult, dims: Dims, seq: int) -> dict:
               f"block_cache_{CROSS}": dims.num_cross, "lm_head": 1, "greedy_head": 1}
     if any(n not in c for n in list(counts)[:4]):
         return {"note": "decode nets of ours missing: no floor"}
-    wbytes = sum(n * c[k].weight_bytes for k, n in counts.items() if k in c)
+    # embedding_cache holds the whole table but a step gathers one row of it.
+    row = dims.hidden_size * 2
+    wbytes = sum(n * (row if k == "embedding_cache" else c[k].weight_bytes)
+                 for k, n in counts.items() if k in c)
     kv_heads, head_dim = dims.num_key_value_heads, dims.hidden_size // dims.num_attention_heads
     patches = (dims.image_size // dims.patch_size) ** 2 + 1
     bf16 = 2
