@@ -1,0 +1,145 @@
+"""compile_model: an export dir (manifest + ONNX pieces) -> one bmodel, resumably.
+
+Output layout under out_dir:
+  NAME-vision_MODE_{SEQ}seq.bmodel   the combined model (the only file the engine needs)
+  token_config/                      copied from the export (tokenizer, processor, template)
+  compile_report.json                per-net quantize policy, I/O dtypes, TPU-MLIR cycle estimate
+  pieces/NET.bmodel(.stamp.json)     one compiled net each; the stamp makes a rerun skip it
+  logs/NET.log, logs/combine.log     full tool output per piece
+  work/NET/                          scratch of a running piece (removed when it succeeds)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mllama_tpu.compile import cache, combine, policy, report, space
+from mllama_tpu.compile.onnx_fixes import FIXES_VERSION, fix_for_tpu_mlir
+from mllama_tpu.compile.jobs import Job, JobResult, JobRunner
+from mllama_tpu.compile.pieces import Export, Piece, load_export
+from mllama_tpu.compile.tpu_mlir import Toolchain, find_toolchain
+
+
+def bmodel_name(name: str, mode: str, seq_length: int) -> str:
+    return f"{name}-vision_{mode}_{seq_length}seq.bmodel"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    piece: Piece
+    policy: policy.PiecePolicy
+    key: cache.StampKey
+    bmodel: Path
+    work: Path
+    log: Path
+
+
+def _shapes_arg(piece: Piece) -> str:
+    return "[" + ",".join("[" + ",".join(map(str, t.shape)) + "]" for t in piece.inputs) + "]"
+
+
+def _job(plan: _Plan, tc: Toolchain, chip: str, env: dict[str, str]) -> Job:
+    p = plan.piece
+    mlir = f"{p.net}.mlir"
+    model_def = fix_for_tpu_mlir(p.onnx.resolve(), plan.work)
+    transform = tc.cmd("model_transform.py", "--model_name", p.net, "--model_def", str(model_def),
+                       "--input_shapes", _shapes_arg(p), "--input_types", ",".join(t.dtype for t in p.inputs),
+                       "--mlir", mlir)
+    deploy = tc.cmd("model_deploy.py", "--mlir", mlir, "--chip", chip, *plan.policy.deploy_args(),
+                    "--model", f"{p.net}.bmodel")
+
+    def finish(res: JobResult) -> None:
+        est = report.parse_compiler_profile(plan.work / "compiler_profile_0.txt")
+        plan.bmodel.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(plan.work / f"{p.net}.bmodel", plan.bmodel)
+        cache.write_stamp(plan.bmodel, plan.key, {
+            "estimate": report.estimate_dict(est), "seconds": round(res.seconds, 2), "peak_rss": res.peak_rss})
+        shutil.rmtree(plan.work, ignore_errors=True)
+
+    return Job(p.net, [transform, deploy], plan.work, plan.log, env, p.size, finish)
+
+
+def _plan(export: Export, out_dir: Path, mode: str, group_size: int, chip: str, version: str) -> list[_Plan]:
+    plans = []
+    for p in export.pieces:
+        pol = policy.piece_policy(p.net, mode, group_size, [t.name for t in p.inputs], [t.name for t in p.outputs])
+        key = cache.StampKey(p.sha256, mode, group_size, chip, pol.to_dict(), f"{version} fixes{FIXES_VERSION}")
+        plans.append(_Plan(p, pol, key, out_dir / "pieces" / f"{p.net}.bmodel", out_dir / "work" / p.net,
+                           out_dir / "logs" / f"{p.net}.log"))
+    return plans
+
+
+def _combine_fresh(out: Path, key: dict[str, Any]) -> bool:
+    stamp = cache.read_stamp(out)
+    return (stamp is not None and stamp.get("key") == key and out.is_file()
+            and out.stat().st_size == stamp.get("bmodel_size"))
+
+
+def compile_model(onnx_dir: str | Path, mode: str, name: str, seq_length: int, out_dir: str | Path,
+                  jobs: int | None = None, group_size: int = 64, chip: str = "bm1684x",
+                  tpu_mlir_path: str | Path | None = None, progress: bool = True) -> Path:
+    """Compile an export into out_dir/NAME-vision_MODE_{seq}seq.bmodel; returns its path."""
+    policy.check_mode(mode)
+    policy.check_chip(chip)
+    policy.check_group_size(group_size)
+    out_dir = Path(out_dir).resolve()
+    export = load_export(onnx_dir, seq_length)
+    tc = find_toolchain(tpu_mlir_path)
+    cores = os.cpu_count() or 1
+    max_jobs = max(1, min(jobs or cores, cores))
+
+    plans = _plan(export, out_dir, mode, group_size, chip, tc.version)
+    todo = [pl for pl in plans if not cache.is_fresh(pl.bmodel, pl.key)]
+    space.check_space(out_dir, space.estimate_bytes(mode, [pl.piece.size for pl in todo],
+                                                    [p.size for p in export.pieces], max_jobs))
+
+    env = dict(tc.env)
+    # Each job gets its share of the cores; TPU-MLIR's default (4 threads) would oversubscribe.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // max_jobs)))
+    for pl in todo:
+        cache.stamp_path(pl.bmodel).unlink(missing_ok=True)
+        shutil.rmtree(pl.work, ignore_errors=True)
+    # Largest first: the long jobs start early and the small ones fill the gaps.
+    todo.sort(key=lambda pl: pl.piece.size, reverse=True)
+    bar = tqdm(total=len(plans), initial=len(plans) - len(todo), desc=f"compile {mode}", unit="piece",
+               disable=not progress)
+
+    def done(res: JobResult) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{res.name} {'ok' if res.ok else 'FAILED'} {res.seconds:.0f}s")
+
+    try:
+        JobRunner(max_jobs, progress=done).run([_job(pl, tc, chip, env) for pl in todo])
+    finally:
+        bar.close()
+    if (out_dir / "work").is_dir() and not any((out_dir / "work").iterdir()):
+        (out_dir / "work").rmdir()
+
+    out = out_dir / bmodel_name(name, mode, seq_length)
+    piece_bmodels = [pl.bmodel for pl in plans]
+    stamps = {pl.piece.net: cache.read_stamp(pl.bmodel) or {} for pl in plans}
+    combine_key = {"pieces": [[pl.piece.net, stamps[pl.piece.net].get("bmodel_sha256")] for pl in plans]}
+    if not _combine_fresh(out, combine_key):
+        cache.stamp_path(out).unlink(missing_ok=True)
+        combine.combine(tc, piece_bmodels, out, out_dir / "logs" / "combine.log")
+        cache.write_json_atomic(cache.stamp_path(out), {"key": combine_key, "bmodel_size": out.stat().st_size})
+    io = combine.verify(tc, out, export.pieces)
+
+    if export.token_config.is_dir():
+        shutil.copytree(export.token_config, out_dir / "token_config", dirs_exist_ok=True)
+    info = {}
+    for pl in plans:
+        st = stamps[pl.piece.net]
+        info[pl.piece.net] = {**pl.policy.to_dict(), "estimate": st.get("estimate"),
+                              "compile_seconds": st.get("seconds"), "peak_rss": st.get("peak_rss"),
+                              "onnx_sha256": pl.piece.sha256}
+    rep = report.build_report(name=name, mode=mode, chip=chip, group_size=group_size, seq_length=seq_length,
+                              activation_dtype=policy.activation_dtype(mode), tpu_mlir=tc.version,
+                              bmodel=out, piece_info=info, io=io)
+    cache.write_json_atomic(out_dir / "compile_report.json", rep)
+    return out

@@ -1,0 +1,160 @@
+"""The export's manifest, read and checked before any compile work starts.
+
+Everything the compile needs about a piece (file, checksum, input shapes and dtypes) comes from
+manifest.json; the ONNX files are checked against it (size, sha256, graph inputs), so a stale or
+half-copied export is refused with one line instead of failing deep inside TPU-MLIR.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mllama_tpu.errors import UserError
+
+MANIFEST_FORMAT = 1
+HEAD_NETS = ("vit", "embedding", "embedding_cache", "lm_head", "greedy_head", "penalty_sample_head")
+_ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Piece:
+    net: str
+    onnx: Path
+    sha256: str
+    size: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+@dataclass(frozen=True)
+class Export:
+    root: Path
+    manifest: dict[str, Any]
+    seq_length: int
+    layers: list[str]
+    pieces: list[Piece]  # in combine order (see combine_order)
+
+    @property
+    def token_config(self) -> Path:
+        return self.root / "token_config"
+
+
+def expected_nets(layers: list[str]) -> list[str]:
+    """Every net the engine needs, from the layer kinds: nothing about the model is hard-coded."""
+    blocks = [f"{p}{i}" for i in range(len(layers)) for p in ("block_", "block_cache_")]
+    return list(HEAD_NETS) + blocks
+
+
+def combine_order(layers: list[str]) -> list[str]:
+    """Heads, then self-attention blocks, then cross-attention blocks, then the vision encoder.
+
+    Same grouping as the original project's combine (it keeps the cross blocks apart); fixed so
+    that two compiles of the same export give the same bmodel.
+    """
+    self_idx = [i for i, k in enumerate(layers) if k == "self"]
+    cross_idx = [i for i, k in enumerate(layers) if k == "cross"]
+    nets = ["embedding", "embedding_cache", "lm_head", "greedy_head", "penalty_sample_head"]
+    for i in self_idx + cross_idx:
+        nets += [f"block_{i}", f"block_cache_{i}"]
+    return nets + ["vit"]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+def _specs(items: Any, where: str) -> list[TensorSpec]:
+    try:
+        return [TensorSpec(str(t["name"]), [int(d) for d in t["shape"]], str(t["dtype"])) for t in items]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{where}: malformed tensor list ({e}); re-run the export") from None
+
+
+def _onnx_inputs(path: Path) -> list[TensorSpec]:
+    import onnx
+
+    # Graph only: weights (possibly external data files) are not read here.
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    specs = []
+    for v in model.graph.input:
+        if v.name in inits:
+            continue
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        specs.append(TensorSpec(v.name, dims, _ONNX_DTYPES.get(t.elem_type, f"onnx:{t.elem_type}")))
+    return specs
+
+
+def load_export(onnx_dir: str | Path, seq_length: int, verify: bool = True) -> Export:
+    root = Path(onnx_dir)
+    if not root.is_dir():
+        raise UserError(f"ONNX dir {root} does not exist; run the export first (compile/export_onnx.py) "
+                        f"or pass --onnx_dir")
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        raise UserError(f"no manifest.json in {root}; it is not an export dir, re-run the export")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{mpath} is not valid JSON ({e}); re-run the export") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{mpath}: manifest format {manifest.get('format')!r}, this compiler reads "
+                        f"format {MANIFEST_FORMAT}; re-run the export with this version")
+    if manifest.get("seq_length") != seq_length:
+        raise UserError(f"{mpath} was exported with seq_length {manifest.get('seq_length')}, "
+                        f"not {seq_length}; pass --seq_length {manifest.get('seq_length')} or re-export")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list) or not layers or set(layers) - {"self", "cross"}:
+        raise UserError(f"{mpath}: 'layers' must list 'self'/'cross' per text layer; re-run the export")
+    table = manifest.get("pieces") or {}
+    missing = [n for n in expected_nets(layers) if n not in table]
+    if missing:
+        raise UserError(f"{mpath} lacks net(s) {', '.join(missing)}; re-run the export")
+
+    pieces = []
+    for net in combine_order(layers):
+        entry = table[net]
+        where = f"{mpath} [{net}]"
+        try:
+            onnx_path = root / entry["file"]
+            piece = Piece(net, onnx_path, str(entry["sha256"]), int(entry["size"]),
+                          _specs(entry["inputs"], where), _specs(entry["outputs"], where))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where}: missing or bad field ({e}); re-run the export") from None
+        if verify:
+            verify_piece(piece)
+        pieces.append(piece)
+    return Export(root, manifest, seq_length, layers, pieces)
+
+
+def verify_piece(piece: Piece) -> None:
+    """The ONNX file is the one the manifest describes: same bytes, same graph inputs."""
+    if not piece.onnx.is_file():
+        raise UserError(f"{piece.onnx} is missing (listed in manifest.json for {piece.net}); re-run the export")
+    size = piece.onnx.stat().st_size
+    if size != piece.size:
+        raise UserError(f"{piece.onnx} has {size} bytes, manifest.json says {piece.size}; "
+                        f"the file changed after export, re-run the export")
+    digest = sha256_file(piece.onnx)
+    if digest != piece.sha256:
+        raise UserError(f"{piece.onnx} checksum {digest[:12]}… differs from manifest.json "
+                        f"({piece.sha256[:12]}…); the file changed after export, re-run the export")
+    actual = _onnx_inputs(piece.onnx)
+    if [(t.name, t.shape, t.dtype) for t in actual] != [(t.name, t.shape, t.dtype) for t in piece.inputs]:
+        got = ", ".join(f"{t.name}{t.shape}:{t.dtype}" for t in actual)
+        raise UserError(f"{piece.onnx} inputs ({got}) disagree with manifest.json for {piece.net}; re-run the export")

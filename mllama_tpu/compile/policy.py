@@ -1,0 +1,101 @@
+"""Quantize policy: which precision each piece gets in each mode, and which I/O casts are stripped.
+
+The decoder blocks carry almost all weights, so they take the mode's precision (int4 = W4BF16
+with per-group scales, int8 = W8BF16). Everything that is small but sensitive keeps a float
+precision: the vision encoder and the embeddings at the mode's activation type (BF16, or F16 in
+f16 mode), lm_head at the activation type too (its logits decide every token), and the two
+sampling heads in F32 (top-k and softmax over the vocabulary need the range).
+
+Tensors that only travel from one net to another on the device (hidden states, KV cache, cross
+states) are stored in the activation type: stripping their casts (`--quant_input_list` /
+`--quant_output_list`) saves a conversion on each side and halves KV memory. Tensors the host
+writes or reads (token ids, positions, masks, pixel values, logits, sampled tokens) keep the
+ONNX dtype, so the engine never converts on the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mllama_tpu.errors import UserError
+
+MODES = ("int4", "int8", "bf16", "f16", "f32")
+CHIPS = ("bm1684x", "bm1688")
+
+# mode -> (quantize of the decoder blocks, float type of activations and float-only pieces)
+_BLOCK_QUANT = {"int4": "W4BF16", "int8": "W8BF16", "bf16": "BF16", "f16": "F16", "f32": "F32"}
+_ACT_QUANT = {"int4": "BF16", "int8": "BF16", "bf16": "BF16", "f16": "F16", "f32": "F32"}
+ACT_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+# Input/output names that stay on the device between nets (net contract, DESIGN.md).
+DEVICE_INPUTS = frozenset({"input_states", "cross_attention_states", "history_k", "history_v",
+                           "cross_k", "cross_v"})
+# lm_head reads the last hidden state straight from a block's output buffer.
+DEVICE_INPUTS_BY_NET = {"lm_head": frozenset({"hidden_states"})}
+
+
+@dataclass(frozen=True)
+class PiecePolicy:
+    quantize: str  # model_deploy.py --quantize
+    q_group_size: int | None  # only for W4/W8 per-group modes
+    quant_inputs: list[int] = field(default_factory=list)  # 1-based, as model_deploy.py counts
+    quant_outputs: list[int] = field(default_factory=list)
+
+    def deploy_args(self) -> list[str]:
+        args = ["--quantize", self.quantize]
+        if self.q_group_size:
+            args += ["--q_group_size", str(self.q_group_size)]
+        # The *_list flags only act together with the switch they refine.
+        if self.quant_inputs:
+            args += ["--quant_input", "--quant_input_list", ",".join(map(str, self.quant_inputs))]
+        if self.quant_outputs:
+            args += ["--quant_output", "--quant_output_list", ",".join(map(str, self.quant_outputs))]
+        return args
+
+    def to_dict(self) -> dict:
+        return {"quantize": self.quantize, "q_group_size": self.q_group_size,
+                "quant_inputs": list(self.quant_inputs), "quant_outputs": list(self.quant_outputs)}
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
+    return mode
+
+
+def check_chip(chip: str) -> str:
+    if chip not in CHIPS:
+        raise UserError(f"unknown chip {chip!r}; use one of: {', '.join(CHIPS)}")
+    return chip
+
+
+def check_group_size(group_size: int) -> int:
+    if group_size <= 0 or group_size % 8:
+        raise UserError(f"--group_size {group_size} is invalid; use a positive multiple of 8 (64 is usual)")
+    return group_size
+
+
+def activation_dtype(mode: str) -> str:
+    """dtype of the tensors that stay on the device (hidden states, KV, cross states) in this mode."""
+    return ACT_DTYPE[_ACT_QUANT[check_mode(mode)]]
+
+
+def is_block(net: str) -> bool:
+    return net.startswith("block_")
+
+
+def piece_policy(net: str, mode: str, group_size: int, input_names: list[str],
+                 output_names: list[str]) -> PiecePolicy:
+    check_mode(mode)
+    if net in ("greedy_head", "penalty_sample_head"):
+        return PiecePolicy("F32", None)
+    quantize = _BLOCK_QUANT[mode] if is_block(net) else _ACT_QUANT[mode]
+    if quantize == "F32":
+        # Nothing to strip: every tensor already is f32 on both sides.
+        return PiecePolicy("F32", None)
+    group = group_size if quantize.startswith("W") else None
+    dev_in = DEVICE_INPUTS | DEVICE_INPUTS_BY_NET.get(net, frozenset())
+    quant_inputs = [i + 1 for i, name in enumerate(input_names) if name in dev_in]
+    # All outputs of these nets are consumed by other nets on the device.
+    device_outputs = net in ("vit", "embedding", "embedding_cache") or is_block(net)
+    quant_outputs = list(range(1, len(output_names) + 1)) if device_outputs else []
+    return PiecePolicy(quantize, group, quant_inputs, quant_outputs)

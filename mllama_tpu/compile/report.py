@@ -1,0 +1,99 @@
+"""compile_report.json: what was built, how, and TPU-MLIR's own speed estimate per net.
+
+For a static bmodel, model_deploy.py's codegen writes `compiler_profile_0.txt` into its working
+directory: a cycle-level trace of the net on the chip model, ending in one summary block per
+subnet (`API_END total_cycle:N`, `TCYC : N`) and a line `flops: F, runtime: Tms, ...`. We keep
+the sum over subnets: the compiler's estimate of one run of the net.
+
+The I/O table per net (names, shapes, dtypes after cast stripping) is read back from the
+combined bmodel with `model_tool --info`, so the engine can trust it as the file's truth.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+_TCYC = re.compile(r"^TCYC\s*:\s*(\d+)", re.M)
+_API_END = re.compile(r"API_END total_cycle:(\d+)")
+_RUNTIME = re.compile(r"flops:\s*(\d+),\s*runtime:\s*([0-9.eE+-]+)ms")
+
+
+@dataclass
+class ProfileEstimate:
+    cycles: int
+    runtime_ms: float | None
+    flops: int | None
+
+
+def parse_compiler_profile(path: Path) -> ProfileEstimate | None:
+    """Cycle total of one compiled net, or None if the file is absent (e.g. dynamic nets)."""
+    if not path.is_file():
+        return None
+    text = path.read_text(errors="replace")
+    cycles = [int(c) for c in _TCYC.findall(text)] or [int(c) for c in _API_END.findall(text)]
+    if not cycles:
+        return None
+    runs = _RUNTIME.findall(text)
+    return ProfileEstimate(
+        cycles=sum(cycles),
+        runtime_ms=sum(float(r[1]) for r in runs) if runs else None,
+        flops=sum(int(r[0]) for r in runs) if runs else None,
+    )
+
+
+# `model_tool --info` lines: "net 3: [block_0]  static", "input: name, [1, 16], int32, scale: ..."
+_NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]\s*(?P<kind>\w*)")
+_IO = re.compile(r"^(?P<kind>input|output): (?P<name>.+?), \[(?P<shape>[^\]]*)\], (?P<dtype>\w+)")
+
+
+def parse_model_info(text: str) -> dict[str, dict[str, Any]]:
+    """net -> {"dynamic": bool, "inputs": [...], "outputs": [...]} (first stage only)."""
+    nets: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if m := _NET.match(line):
+            current = nets.setdefault(m["name"], {"inputs": [], "outputs": []})
+            # TPU-MLIR makes a net dynamic by itself when an op needs it (TopK in the heads).
+            current["dynamic"] = m["kind"] == "dynamic"
+            seen_stage = False
+            continue
+        if line.startswith("stage ") and current is not None:
+            if seen_stage:  # later stages of a dynamic net: not ours, ignore
+                current = None
+            seen_stage = True
+            continue
+        if current is not None and (m := _IO.match(line)):
+            # Dynamic nets print their max shape as "max:N".
+            shape = [int(d.strip().removeprefix("max:")) for d in m["shape"].split(",") if d.strip()]
+            current[m["kind"] + "s"].append({"name": m["name"], "shape": shape, "dtype": m["dtype"]})
+    return nets
+
+
+def build_report(*, name: str, mode: str, chip: str, group_size: int, seq_length: int,
+                 activation_dtype: str, tpu_mlir: str, bmodel: Path, piece_info: dict[str, dict[str, Any]],
+                 io: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    nets = {}
+    for net, info in piece_info.items():
+        nets[net] = {**info, **io.get(net, {})}
+    total = sum((n.get("estimate") or {}).get("cycles") or 0 for n in nets.values())
+    return {
+        "format": 1,
+        "name": name,
+        "mode": mode,
+        "chip": chip,
+        "group_size": group_size,
+        "seq_length": seq_length,
+        "activation_dtype": activation_dtype,
+        "tpu_mlir": tpu_mlir,
+        "bmodel": bmodel.name,
+        "bmodel_size": bmodel.stat().st_size,
+        "total_estimated_cycles": total,
+        "nets": nets,
+    }
+
+
+def estimate_dict(est: ProfileEstimate | None) -> dict[str, Any] | None:
+    return asdict(est) if est else None
