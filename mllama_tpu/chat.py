@@ -206,9 +206,15 @@ class ChatSession:
 
     @classmethod
     def create(
-        cls, engine: Engine, token_config: str | Path, max_new_tokens: int = 512, enable_history: bool = False
+        cls,
+        engine: Engine,
+        token_config: str | Path,
+        max_new_tokens: int = 512,
+        enable_history: bool = False,
+        processor: Any | None = None,
     ) -> "ChatSession":
-        processor = open_processor(token_config)
+        """A session on `engine` with the token_config's processor (pass it if already loaded)."""
+        processor = processor if processor is not None else open_processor(token_config)
         check_token_config(Path(token_config), processor, engine)
         eos = eos_ids_for(engine, Path(token_config), processor.tokenizer)
         return cls(engine, processor, eos, max_new_tokens, enable_history)

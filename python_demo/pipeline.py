@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from mllama_tpu import REPO_ROOT  # noqa: E402
-from mllama_tpu.chat import ChatSession, load_image, run_interactive, run_scripted  # noqa: E402
+from mllama_tpu.chat import ChatSession, load_image, open_processor, run_interactive, run_scripted  # noqa: E402
 from mllama_tpu.engines import BACKENDS, GENERATION_MODES, SamplingParams, open_engine  # noqa: E402
 from mllama_tpu.errors import UserError, cli_main  # noqa: E402
 
@@ -75,12 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model_path)
     if not model.exists():
         raise UserError(f"model {model} not found: pass a NAME.bmodel (or an export dir with --backend onnx)")
+    # Everything that can be checked without the model first: loading it may take long.
     if args.image_path is not None:
-        load_image(args.image_path)  # fail on a bad image before the (slow) model load
-
-    engine = open_engine(args.backend, model, parse_devids(args.devid))
+        load_image(args.image_path)
     token_config = Path(args.tokenizer_path) if args.tokenizer_path else default_token_config(model)
-    session = ChatSession.create(engine, token_config, args.max_new_tokens, args.enable_history)
+    processor = open_processor(token_config)
+    devids = parse_devids(args.devid)
+
+    engine = open_engine(args.backend, model, devids)
+    session = ChatSession.create(engine, token_config, args.max_new_tokens, args.enable_history, processor)
     session.set_sampling(sampling)
     if args.image_path is not None:
         session.set_image(args.image_path)

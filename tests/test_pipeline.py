@@ -1,8 +1,10 @@
 """The chat: python_demo/pipeline.py and mllama_tpu.chat, scripted and interactive, on a real engine.
 
-Parametrized by backend: `onnx` (the reference engine over the tiny export) always, `bmodel`
-(the C++ engine on the simulator, f32 tiny bmodel) as slow tests. The CLI runs as a subprocess
-where its exit code / streams matter; the rest drives ChatSession in-process (faster).
+Backends: the CLI tests (subprocess: exit codes, streams, stdin/pty) run on `onnx` (the reference
+engine over the tiny export) and, as slow tests, on `bmodel` (the C++ engine on the simulator,
+f32 tiny bmodel) - few tokens each, the simulator is slow. The in-process ChatSession tests use
+the engine `make_engine(CHAT_BACKEND)` gives: onnx by default, MLLAMA_TEST_CHAT_BACKEND=bmodel
+re-runs all of them on the bmodel engine.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from PIL import Image
 
 from mllama_tpu import REPO_ROOT
 from mllama_tpu.chat import ChatSession, TextStream, load_image, run_interactive, run_scripted
-from mllama_tpu.engines import SamplingParams, open_engine
+from mllama_tpu.engines import Engine, SamplingParams, open_engine
 from mllama_tpu.errors import UserError
 from mllama_tpu.tiny import data
 
@@ -30,11 +32,21 @@ PIPELINE = REPO_ROOT / "python_demo" / "pipeline.py"
 QUESTION = "What shape is it?"
 
 BACKENDS = ["onnx", pytest.param("bmodel", marks=pytest.mark.slow)]
+CHAT_BACKEND = os.environ.get("MLLAMA_TEST_CHAT_BACKEND", "onnx")
 
 
 # ---------------------------------------------------------------------------------------------
-# fixtures: one engine per backend, sessions on it
+# fixtures: engines per backend, sessions on them
 # ---------------------------------------------------------------------------------------------
+
+
+def model_for(backend: str, tiny_onnx_dir: Path, tiny_bmodel) -> Path:
+    """What -m takes for this backend: the tiny export dir, or the tiny model compiled in f32."""
+    return tiny_onnx_dir if backend == "onnx" else tiny_bmodel("f32")
+
+
+def make_engine(backend: str, tiny_onnx_dir: Path, tiny_bmodel) -> Engine:
+    return open_engine(backend, model_for(backend, tiny_onnx_dir, tiny_bmodel), [0])
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -44,13 +56,21 @@ def backend(request) -> str:
 
 @pytest.fixture(scope="module")
 def model_path(backend, tiny_onnx_dir, tiny_bmodel) -> Path:
-    """What -m takes for this backend."""
-    return tiny_onnx_dir if backend == "onnx" else tiny_bmodel("f32")
+    return model_for(backend, tiny_onnx_dir, tiny_bmodel)
 
 
 @pytest.fixture(scope="module")
-def engine(backend, model_path):
-    e = open_engine(backend, model_path, [0])
+def engine(tiny_onnx_dir, tiny_bmodel):
+    """The engine of the in-process chat tests."""
+    e = make_engine(CHAT_BACKEND, tiny_onnx_dir, tiny_bmodel)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def reference_engine(tiny_onnx_dir):
+    """The ONNX reference engine: what the CLI's answers are checked against (f32 bmodel too)."""
+    e = open_engine("onnx", tiny_onnx_dir)
     yield e
     e.close()
 
@@ -123,18 +143,23 @@ def long_question(session: ChatSession, prompt_tokens: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_scripted_json(backend, model_path, images, engine, token_config):
+def json_lines(stdout: str) -> list[dict]:
+    # Only the turn lines: a device runtime may log to stdout too.
+    return [json.loads(l) for l in stdout.splitlines() if l.startswith('{"question"')]
+
+
+def test_scripted_json(backend, model_path, images, reference_engine, token_config):
     questions = [QUESTION, "What color is the background?"]
-    args = ["--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "16"]
+    args = ["--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "6"]
     r = run_cli(*args, "--enable_history", *sum([["-q", q] for q in questions], []), "--json")
     assert r.returncode == 0, r.stderr
-    lines = [json.loads(l) for l in r.stdout.splitlines() if l.strip()]
+    lines = json_lines(r.stdout)
     assert [l["question"] for l in lines] == questions
     for l in lines:
         assert set(l) == {"question", "answer", "tokens", "ftl_s", "tps"}
         assert l["ftl_s"] > 0 and l["tps"] >= 0 and l["tokens"]
-    # The CLI says what the library says for the same conversation (greedy, history on).
-    s = ChatSession.create(engine, token_config, max_new_tokens=16, enable_history=True)
+    # The CLI says what the reference says for the same conversation (greedy, history on).
+    s = ChatSession.create(reference_engine, token_config, max_new_tokens=6, enable_history=True)
     s.set_sampling(SamplingParams())
     s.set_image(images["rgb"])
     for l in lines:
@@ -144,12 +169,13 @@ def test_scripted_json(backend, model_path, images, engine, token_config):
 
 
 def test_cli_sampling_flags(backend, model_path, images):
-    args = ["--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "12",
+    args = ["--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "5",
             "--generation_mode", "penalty_sample", "--temperature", "1.5", "--top_p", "0.95", "--top_k", "20",
             "--repeat_penalty", "1.2", "--repeat_last_n", "8", "--seed", "11", "-q", QUESTION, "-q", QUESTION, "--json"]
     runs = [run_cli(*args) for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
-    tokens = [[json.loads(l)["tokens"] for l in r.stdout.splitlines()] for r in runs]
+    tokens = [[l["tokens"] for l in json_lines(r.stdout)] for r in runs]
+    assert len(tokens[0]) == 2
     assert tokens[0] == tokens[1]  # same seed, same answers, turn by turn
     bad = run_cli("--backend", backend, "-m", str(model_path), "--temperature", "-1", "-q", QUESTION)
     assert bad.returncode == 2 and bad.stderr.startswith("error: temperature must be >= 0")
@@ -171,7 +197,7 @@ def test_interactive_over_stdin(backend, model_path, images):
         "quit",
         "never asked",
     ]) + "\n"
-    r = run_cli("--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "8", stdin=script)
+    r = run_cli("--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "3", stdin=script)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert out.count("Question: ") == 9  # every line but the 3 image paths, up to quit
@@ -186,7 +212,7 @@ def test_interactive_on_a_terminal(backend, model_path, images):
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, str(PIPELINE), "--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]),
-         "--max_new_tokens", "8"],
+         "--max_new_tokens", "3"],
         stdin=slave, stdout=slave, stderr=slave, cwd=REPO_ROOT, close_fds=True,
     )
     os.close(slave)
