@@ -49,6 +49,8 @@ def load_image(path: str | Path) -> Any:
         raise UserError(f"image {path} not found: check the path")
     try:
         with Image.open(path) as im:
+            # PIL widens 16-bit grey PNGs to mode "I"; the raw mode still tells the bit depth.
+            sixteen_bit = any("16" in str(tile[3]) for tile in (im.tile or []))
             im.load()  # decode now: a truncated file fails here, not inside the processor
             image = im.copy()
     except UnidentifiedImageError:
@@ -59,7 +61,7 @@ def load_image(path: str | Path) -> Any:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
+        top = 65535.0 if sixteen_bit or mode.startswith("I;16") or a.max() > 255 else 255.0
         image = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

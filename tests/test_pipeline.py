@@ -297,6 +297,13 @@ def test_image_modes_work(session, images, mode):
     assert session.ask(QUESTION).tokens
 
 
+def test_dark_16_bit_image_stays_dark(tmp_path):
+    """A 16-bit grey PNG whose values are all small is dark, not read as 8-bit and brightened."""
+    path = tmp_path / "dark16.png"
+    Image.fromarray(np.full((40, 60), 200, dtype=np.uint16), "I;16").save(path)
+    assert np.asarray(load_image(path)).max() <= 1
+
+
 def test_prompt_longer_than_seq_is_refused(session, images):
     session.set_image(images["rgb"])
     q = " ".join(["red"] * 200)
