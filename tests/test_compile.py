@@ -1,0 +1,102 @@
+"""The compiled tiny model, net by net on the BM1684X simulator, against onnxruntime on the ONNX pieces.
+
+f32: every output within 1e-3 of the output's scale, token outputs identical.
+int4: block/vit/embedding outputs with cosine >= 0.99, and the lm_head -> greedy_head path on the
+device picks the same token as the ONNX lm_head for real last hidden states of toy prompts.
+Both: model_tool --info lists every net of the manifest with the manifest's shapes, and the
+report says what was built (quantize per net, I/O dtypes the engine must use, cycle estimates).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mllama_tpu.compile import parity
+from mllama_tpu.compile.report import parse_model_info
+from mllama_tpu.compile.simulate import run_nets
+
+pytestmark = pytest.mark.slow
+
+MODEL_TOOL = str(Path(sys.executable).parent / "model_tool")
+
+
+def info(bmodel: Path) -> dict:
+    out = subprocess.run([MODEL_TOOL, "--info", str(bmodel)], capture_output=True, text=True, check=True).stdout
+    return parse_model_info(out)
+
+
+def assert_contract(bmodel: Path, onnx_dir: Path) -> None:
+    manifest = parity.load_manifest(onnx_dir)
+    nets = info(bmodel)
+    assert sorted(nets) == sorted(manifest["pieces"])
+    for net, spec in manifest["pieces"].items():
+        assert [t["shape"] for t in nets[net]["inputs"]] == [t["shape"] for t in spec["inputs"]], net
+        assert [t["name"] for t in nets[net]["inputs"]] == [t["name"] for t in spec["inputs"]], net
+        assert [t["shape"] for t in nets[net]["outputs"]] == [t["shape"] for t in spec["outputs"]], net
+
+
+def report(bmodel: Path) -> dict:
+    return json.loads((bmodel.parent / "compile_report.json").read_text())
+
+
+def test_f32_bmodel_matches_onnx(tiny_onnx_dir: Path, tiny_bmodel) -> None:
+    bmodel = tiny_bmodel("f32")
+    assert bmodel.name == "tiny-vision_f32_128seq.bmodel"
+    assert (bmodel.parent / "token_config" / "tokenizer.json").is_file()
+    assert_contract(bmodel, tiny_onnx_dir)
+    rep = report(bmodel)
+    assert rep["mode"] == "f32" and rep["activation_dtype"] == "float32"
+    for net, entry in rep["nets"].items():
+        assert entry["quantize"] == "F32", net
+        assert all(t["dtype"] in ("float32", "int32") for t in entry["inputs"] + entry["outputs"]), net
+    # TPU-MLIR's estimate is kept for every static net (the TopK-only greedy head is dynamic).
+    assert all(rep["nets"][n]["estimate"]["cycles"] > 0 for n in rep["nets"] if not rep["nets"][n]["dynamic"])
+
+    checks = parity.check_nets(tiny_onnx_dir, bmodel)
+    assert {c.net for c in checks} == set(rep["nets"])
+    for c in checks:
+        if c.is_int:
+            assert c.equal, f"{c.net} output {c.index}: tokens differ"
+        else:
+            assert c.rel_err <= 1e-3, f"{c.net} output {c.index}: relative error {c.rel_err:.2e}"
+
+
+def test_int4_bmodel_close_to_onnx(tiny_onnx_dir: Path, tiny_bmodel) -> None:
+    bmodel = tiny_bmodel("int4")
+    assert_contract(bmodel, tiny_onnx_dir)
+    rep = report(bmodel)
+    nets = rep["nets"]
+    assert rep["activation_dtype"] == "bfloat16"
+    assert nets["block_0"]["quantize"] == "W4BF16" and nets["block_0"]["q_group_size"] == 64
+    assert nets["vit"]["quantize"] == "BF16" and nets["greedy_head"]["quantize"] == "F32"
+    # Device-only tensors are bf16, host-facing ones keep f32/i32 (what the engine relies on).
+    dtypes = {(n, t["name"]): t["dtype"] for n, e in nets.items() for t in e["inputs"]}
+    assert dtypes[("block_cache_0", "history_k")] == "bfloat16"
+    assert dtypes[("block_cache_0", "attention_mask")] == "float32"
+    assert dtypes[("block_0", "position_ids")] == "int32"
+    assert dtypes[("lm_head", "hidden_states")] == "bfloat16"
+    assert dtypes[("vit", "pixel_values")] == "float32"
+    assert [t["dtype"] for t in nets["block_0"]["outputs"]] == ["bfloat16"] * 3
+    assert nets["lm_head"]["outputs"][0]["dtype"] == "float32"
+
+    checks = parity.check_nets(tiny_onnx_dir, bmodel,
+                               nets=[n for n in nets if n.startswith(("block_", "vit", "embedding"))])
+    for c in checks:
+        assert c.cosine >= 0.99, f"{c.net} output {c.index}: cosine {c.cosine:.4f}"
+
+    # lm_head + greedy_head on the device: same token as the ONNX lm_head's argmax.
+    manifest = parity.load_manifest(tiny_onnx_dir)
+    rng = np.random.default_rng(7)
+    vocab = manifest["dims"]["vocab_size"]
+    prompts = [list(rng.integers(0, vocab, n)) for n in (5, 17, 40)]
+    hidden = parity.text_hidden_states(tiny_onnx_dir, prompts)
+    for h in hidden:
+        (logits,) = parity.onnx_outputs(tiny_onnx_dir, "lm_head", {"hidden_states": h[None]})
+        sim_logits = run_nets(bmodel, {"lm_head": {"hidden_states": h[None]}})["lm_head"][0]
+        token = run_nets(bmodel, {"greedy_head": {"logits": sim_logits.reshape(1, -1)}})["greedy_head"][0]
+        assert int(token.reshape(-1)[0]) == int(np.argmax(logits))
