@@ -1,7 +1,9 @@
 """Our side: mllama_tpu.export to ONNX pieces, then each piece through TPU-MLIR with our policy.
 
-Each net is compiled alone in its own directory (model_transform.py + model_deploy.py with the
-flags mllama_tpu.compile.policy gives that piece), so its compiler_profile_0.txt is its own and
+Each net is compiled alone in its own directory with the same commands as
+mllama_tpu.compile.driver (its ONNX fix-ups, input types, and the model_deploy.py flags
+mllama_tpu.compile.policy gives that piece), so its compiler_profile_0.txt is kept (the compile
+stage deletes a piece's scratch dir) and
 a net whose ONNX did not change is not rebuilt. The flags are the compile stage's, so what is
 measured is our export graph + our compile options.
 """
@@ -12,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mllama_tpu.compile.onnx_fixes import fix_for_tpu_mlir
 from mllama_tpu.compile.policy import piece_policy
 
 _BIN = Path(sys.executable).parent
@@ -31,6 +34,17 @@ def _shape_arg(specs: list[dict]) -> str:
     return "[" + ",".join("[" + ",".join(str(d) for d in s["shape"]) + "]" for s in specs) + "]"
 
 
+# onnxsim holds ~8 copies of the weights: on the 2 GB tables (embedding, lm_head at 11B dims,
+# f32 in ONNX) model_transform.py reached 19 GB and was OOM-killed. Those graphs are a Gather or
+# a norm + MatMul, nothing to simplify, so they skip it. (model_transform's --do_onnx_sim is
+# parsed with type=bool: only an empty string turns it off.)
+HUGE_PIECE = 1_500_000_000
+
+
+def _no_sim_if_huge(entry: dict) -> list[str]:
+    return ["--do_onnx_sim", ""] if int(entry["size"]) > HUGE_PIECE else []
+
+
 def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, group: int,
                   chip: str) -> Path:
     """Compile one exported piece alone; returns its working dir (bmodel + profile inside)."""
@@ -46,9 +60,11 @@ def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, 
     log.write_text("")
     ins = entry["inputs"]
     outs = entry["outputs"]
-    _run([str(_BIN / "model_transform.py"), "--model_name", net,
-          "--model_def", str((onnx_dir / entry["file"]).resolve()),
-          "--input_shapes", _shape_arg(ins), "--mlir", f"{net}.mlir"], d, log)
+    # The compile stage's own ONNX rewrite around a tpu-mlir bug (a no-op for most pieces).
+    model_def = fix_for_tpu_mlir((onnx_dir / entry["file"]).resolve(), d)
+    _run([str(_BIN / "model_transform.py"), "--model_name", net, "--model_def", str(model_def),
+          "--input_shapes", _shape_arg(ins), "--input_types", ",".join(i["dtype"] for i in ins),
+          "--mlir", f"{net}.mlir", *_no_sim_if_huge(entry)], d, log)
     pol = piece_policy(net, mode, group, [i["name"] for i in ins], [o["name"] for o in outs])
     _run([str(_BIN / "model_deploy.py"), "--mlir", f"{net}.mlir", "--chip", chip,
           "--model", bmodel.name, *pol.deploy_args()], d, log)
