@@ -36,6 +36,10 @@ _GDMA_RE = re.compile(r"dr\[(\d)\]\s*(\w+):(\d+)")
 _USAGE_RE = re.compile(r"DDR BW USAGE\s*:\s*([0-9.]+)%")
 _RUNTIME_RE = re.compile(r"flops:\s*(\d+),\s*runtime:\s*([0-9.]+)ms")
 
+# The clock of the BM1684X cost model (every profile with a runtime line gives cycles/runtime
+# = 1 GHz); used only for nets whose profile has no runtime line.
+BM1684X_MHZ = 1000.0
+
 # GDMA directions as printed in the summary: system memory (DDR) <-> local memory.
 DDR_READ_DIRS = ("S2L", "S2S")
 DDR_WRITE_DIRS = ("L2S", "S2S")
@@ -67,7 +71,8 @@ class NetProfile:
 
     @property
     def ddr_bytes(self) -> int:
-        """Bytes that crossed the DDR interface (reads from + writes to system memory)."""
+        """Bytes that crossed the DDR interface (reads from + writes to system memory; a
+        DDR-to-DDR copy counts twice, as the cost model's usage figure counts it)."""
         g = self.gdma_bytes
         return g.get("S2L", 0) + g.get("L2S", 0) + 2 * g.get("S2S", 0)
 
@@ -97,12 +102,11 @@ class NetProfile:
 def parse_profile(path: str | Path) -> NetProfile:
     """Parse one compiler_profile_N.txt. Raises ValueError if it holds no summary."""
     path = Path(path)
-    cycles = 0
-    runtime_ms = 0.0
     flops = 0
     gdma: dict[str, int] = defaultdict(int)
-    usage_weighted = 0.0  # usage x runtime, to average over subnets by time
-    last_usage = 0.0  # the usage line precedes its subnet's runtime line
+    # One entry per subnet summary: [cycles, usage, runtime_ms or None]. A net with no FLOPs
+    # (a pure Gather) gets no "flops/runtime" line, so its time comes from cycles and the clock.
+    subnets: list[list] = []
     kinds: dict[str, OpKindCost] = defaultdict(OpKindCost)
     seen_ops: set[tuple[str, str]] = set()
     for line in path.read_text(errors="replace").splitlines():
@@ -121,20 +125,22 @@ def parse_profile(path: str | Path) -> NetProfile:
                 seen_ops.add(key)
                 cost.count += 1
         if m := _TCYC_RE.match(line):
-            cycles += int(m[1])
+            subnets.append([int(m[1]), 0.0, None])
+        elif not subnets:
+            continue
         elif line.startswith("GDMA SUMMARY"):
             for d, name, n in _GDMA_RE.findall(line):
                 gdma[name] += int(n)
         elif m := _USAGE_RE.search(line):
-            last_usage = float(m[1]) / 100.0
+            subnets[-1][1] = float(m[1]) / 100.0
         elif m := _RUNTIME_RE.search(line):
             flops += int(m[1])
-            rt = float(m[2])
-            runtime_ms += rt
-            usage_weighted += last_usage * rt
-    if cycles == 0:
+            subnets[-1][2] = float(m[2])
+    if not subnets:
         raise ValueError(f"{path}: no 'TCYC' summary line; is this a compiler_profile file?")
-    usage = usage_weighted / runtime_ms if runtime_ms else 0.0
+    cycles = sum(c for c, _, _ in subnets)
+    runtime_ms = sum(rt if rt is not None else c / (BM1684X_MHZ * 1e3) for c, _, rt in subnets)
+    usage = sum(c * u for c, u, _ in subnets) / cycles if cycles else 0.0
     return NetProfile(str(path), cycles, runtime_ms, flops, dict(gdma), usage, dict(kinds))
 
 
