@@ -229,3 +229,21 @@ def test_penalty_sample_head(tiny, top_p, temperature, penalty):
     assert tokens.dtype == np.int32 and len(set(tokens[0].tolist())) == k
     assert np.abs(probs[0] - ref[tokens[0]]).max() < TOL  # same probability for every candidate
     assert abs(ref[tokens[0]].sum() - 1) < TOL  # and no mass outside the candidates
+
+
+def test_external_data_piece_matches_single_file(tiny, tmp_path, monkeypatch):
+    """Pieces over the protobuf limit keep their weights in <net>.onnx.data: same results."""
+    from mllama_tpu.export import onnx_io
+
+    out, manifest, _ = tiny
+    model_dir = out.parent / "model"
+    monkeypatch.setattr(onnx_io, "SINGLE_FILE_LIMIT", 0)
+    ext = json.loads(export_model(model_dir, tmp_path, SEQ, only=["lm_head", "block_1"], progress=False).read_text())
+    entry = ext["pieces"]["block_1"]
+    assert entry["external_data"]["file"] == "pieces/block_1.onnx.data"
+    assert entry["inputs"] == manifest["pieces"]["block_1"]["inputs"]
+    assert entry["size"] < 100_000 < entry["external_data"]["size"]  # the weights really moved out
+    x = np.random.randn(1, manifest["dims"]["hidden_size"]).astype(np.float32)
+    (a,) = run(out, "lm_head", hidden_states=x)
+    (b,) = run(tmp_path, "lm_head", hidden_states=x)
+    assert np.array_equal(a, b)

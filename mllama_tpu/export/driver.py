@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mllama_tpu.config import ModelDims
 from mllama_tpu.errors import UserError
-from mllama_tpu.export.onnx_io import describe, export_piece, sha256_file
+from mllama_tpu.export.onnx_io import export_piece, sha256_file
 from mllama_tpu.export.pieces import RECENT_IDS, build_piece, piece_names, top_k
 from mllama_tpu.weights import CheckpointWeights
 
@@ -61,10 +61,10 @@ def export_model(model_dir: str | Path, out_dir: str | Path, seq_length: int, de
             continue
         manifest["pieces"].pop(name, None)
         piece = build_piece(name, weights, dims, seq_length)
-        export_piece(piece, pieces_dir, device)
+        io = export_piece(piece, pieces_dir, device)
         del piece
         gc.collect()  # the piece's weights go before the next piece is read
-        manifest["pieces"][name] = _entry(out_dir, name)
+        manifest["pieces"][name] = _entry(out_dir, name) | io
         _write_json(manifest_path, manifest)
     manifest["token_config"] = _copy_token_config(model_dir, out_dir / "token_config")
     _write_json(manifest_path, manifest)
@@ -129,7 +129,7 @@ def _entry(out_dir: Path, name: str) -> dict[str, Any]:
     if data.exists():  # > 2 GB piece: its tensors live in one side file, checksummed on its own
         entry["external_data"] = {"file": f"pieces/{data.name}", "sha256": sha256_file(data),
                                   "size": data.stat().st_size}
-    return entry | describe(path)
+    return entry
 
 
 def _is_done(out_dir: Path, entry: dict[str, Any] | None) -> bool:
