@@ -57,6 +57,17 @@ def vit_full_ms(costs: dict[str, NetCost], dims: Dims, r1: Reduced, r2: Reduced 
         f"(from a {l2}-layer build), x {full_layers} layers")
 
 
+def substitute(ours: SideResult, other: SideResult, nets: tuple[str, ...]) -> list[str]:
+    """Fill nets ours did not compile with the other side's estimate; returns notes."""
+    notes = []
+    for net in nets:
+        if net not in ours.costs and net not in ours.errors and net in other.costs:
+            ours.costs[net] = other.costs[net]
+            notes.append(f"{net}: not compiled by us (--big_tables off); llm_convert's "
+                         f"estimate used")
+    return notes
+
+
 def summarize(side: SideResult, dims: Dims, r1: Reduced, r2: Reduced | None) -> dict:
     c = side.costs
     parts = {
@@ -130,12 +141,18 @@ def floor(ours: SideResult, dims: Dims, seq: int) -> dict:
     return res
 
 
-def build(dims: Dims, seq: int, sides: list[SideResult], r1: Reduced, r2: Reduced | None
-          ) -> dict:
+def build(dims: Dims, seq: int, sides: list[SideResult], r1: Reduced, r2: Reduced | None,
+          substituted: tuple[str, ...] = ()) -> dict:
+    by_name = {s.name: s for s in sides}
+    sub_notes = []
+    if substituted and "ours" in by_name and "llm_convert" in by_name:
+        sub_notes = substitute(by_name["ours"], by_name["llm_convert"], substituted)
     out = {"model": dims.name, "seq_length": seq, "quantize": "W4BF16 group 64",
            "chip": "bm1684x", "layers": {"self": dims.num_self, "cross": dims.num_cross},
            "extrapolation": __doc__.split("Extrapolation", 1)[1].split("Floor:")[0].strip(),
            "sides": {s.name: summarize(s, dims, r1, r2) for s in sides}}
+    if sub_notes:
+        out["sides"]["ours"]["notes"] = sub_notes + out["sides"]["ours"]["notes"]
     ours = next((s for s in sides if s.name == "ours"), None)
     if ours is not None:
         out["floor"] = floor(ours, dims, seq)
