@@ -9,6 +9,7 @@ report says what was built (quantize per net, I/O dtypes the engine must use, cy
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,9 @@ import numpy as np
 import pytest
 
 from mllama_tpu.compile import parity
+from mllama_tpu.compile.jobs import Job, JobFailed, JobRunner
 from mllama_tpu.compile.report import parse_model_info
 from mllama_tpu.compile.simulate import run_nets
-
-pytestmark = pytest.mark.slow
 
 MODEL_TOOL = str(Path(sys.executable).parent / "model_tool")
 
@@ -44,6 +44,7 @@ def report(bmodel: Path) -> dict:
     return json.loads((bmodel.parent / "compile_report.json").read_text())
 
 
+@pytest.mark.slow
 def test_f32_bmodel_matches_onnx(tiny_onnx_dir: Path, tiny_bmodel) -> None:
     bmodel = tiny_bmodel("f32")
     assert bmodel.name == "tiny-vision_f32_128seq.bmodel"
@@ -66,6 +67,7 @@ def test_f32_bmodel_matches_onnx(tiny_onnx_dir: Path, tiny_bmodel) -> None:
             assert c.rel_err <= 1e-3, f"{c.net} output {c.index}: relative error {c.rel_err:.2e}"
 
 
+@pytest.mark.slow
 def test_int4_bmodel_close_to_onnx(tiny_onnx_dir: Path, tiny_bmodel) -> None:
     bmodel = tiny_bmodel("int4")
     assert_contract(bmodel, tiny_onnx_dir)
@@ -84,13 +86,20 @@ def test_int4_bmodel_close_to_onnx(tiny_onnx_dir: Path, tiny_bmodel) -> None:
     assert [t["dtype"] for t in nets["block_0"]["outputs"]] == ["bfloat16"] * 3
     assert nets["lm_head"]["outputs"][0]["dtype"] == "float32"
 
+    assert rep["device_dtype_mismatches"] == []
+
+    manifest = parity.load_manifest(tiny_onnx_dir)
     checks = parity.check_nets(tiny_onnx_dir, bmodel,
                                nets=[n for n in nets if n.startswith(("block_", "vit", "embedding"))])
     for c in checks:
-        assert c.cosine >= 0.99, f"{c.net} output {c.index}: cosine {c.cosine:.4f}"
+        size = int(np.prod(manifest["pieces"][c.net]["outputs"][c.index]["shape"]))
+        # A decode step's own K/V is 2*16 numbers in the tiny model: its cosine is a noisy
+        # estimate, so that one gets a looser bound; the hidden states (what the next layer
+        # sees) and every larger output must reach 0.99.
+        bound = 0.99 if size >= 1024 or c.index == 0 else 0.98
+        assert c.cosine >= bound, f"{c.net} output {c.index}: cosine {c.cosine:.4f}"
 
     # lm_head + greedy_head on the device: same token as the ONNX lm_head's argmax.
-    manifest = parity.load_manifest(tiny_onnx_dir)
     rng = np.random.default_rng(7)
     vocab = manifest["dims"]["vocab_size"]
     prompts = [list(rng.integers(0, vocab, n)) for n in (5, 17, 40)]
@@ -100,3 +109,48 @@ def test_int4_bmodel_close_to_onnx(tiny_onnx_dir: Path, tiny_bmodel) -> None:
         sim_logits = run_nets(bmodel, {"lm_head": {"hidden_states": h[None]}})["lm_head"][0]
         token = run_nets(bmodel, {"greedy_head": {"logits": sim_logits.reshape(1, -1)}})["greedy_head"][0]
         assert int(token.reshape(-1)[0]) == int(np.argmax(logits))
+
+
+# --- the job runner (real processes, no compile) ---------------------------------------------
+
+def _job(tmp: Path, name: str, code: str) -> Job:
+    cmd = [sys.executable, "-c", f"import time, sys; print('start', time.time()); {code}; print('end', time.time())"]
+    return Job(name, [cmd], tmp / "work" / name, tmp / "logs" / f"{name}.log", dict(os.environ), 1 << 20)
+
+
+def _spans(tmp: Path, names: list[str]) -> list[tuple[float, float]]:
+    spans = []
+    for n in names:
+        words = (tmp / "logs" / f"{n}.log").read_text().split()
+        spans.append((float(words[words.index("start") + 1]), float(words[words.index("end") + 1])))
+    return spans
+
+
+def _max_overlap(spans: list[tuple[float, float]]) -> int:
+    return max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+
+
+def test_jobs_run_in_parallel_up_to_the_bound(tmp_path: Path) -> None:
+    names = [f"j{i}" for i in range(4)]
+    runner = JobRunner(2, available=lambda: 1 << 40)
+    results = runner.run([_job(tmp_path, n, "time.sleep(1.0)") for n in names])
+    assert sorted(r.name for r in results) == names and all(r.ok for r in results)
+    assert _max_overlap(_spans(tmp_path, names)) == min(2, os.cpu_count() or 1)
+
+
+def test_jobs_wait_for_memory(tmp_path: Path) -> None:
+    # Memory looks exhausted: jobs still run (one at a time), never two together.
+    names = [f"m{i}" for i in range(3)]
+    JobRunner(2, available=lambda: 0).run([_job(tmp_path, n, "time.sleep(0.5)") for n in names])
+    assert _max_overlap(_spans(tmp_path, names)) == 1
+
+
+def test_failed_job_reports_name_log_and_tail(tmp_path: Path) -> None:
+    jobs = [_job(tmp_path, "bad", "print('the reason it broke'); sys.exit(3)"),
+            _job(tmp_path, "later", "pass")]
+    with pytest.raises(JobFailed) as info:
+        JobRunner(1).run(jobs)
+    err = info.value
+    assert err.name == "bad" and err.log == tmp_path / "logs" / "bad.log"
+    assert "the reason it broke" in str(err) and "exited with 3" in str(err)
+    assert not (tmp_path / "logs" / "later.log").exists()  # nothing new starts after a failure

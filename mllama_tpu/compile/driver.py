@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,4 +143,7 @@ def compile_model(onnx_dir: str | Path, mode: str, name: str, seq_length: int, o
                               activation_dtype=policy.activation_dtype(mode), tpu_mlir=tc.version,
                               bmodel=out, piece_info=info, io=io)
     cache.write_json_atomic(out_dir / "compile_report.json", rep)
+    for m in rep["device_dtype_mismatches"]:
+        print(f"warning: {m}, not {rep['activation_dtype']}: the engine converts it through the host",
+              file=sys.stderr)
     return out

@@ -72,9 +72,26 @@ def parse_model_info(text: str) -> dict[str, dict[str, Any]]:
     return nets
 
 
+def dtype_mismatches(piece_info: dict[str, dict[str, Any]], io: dict[str, dict[str, Any]],
+                     activation_dtype: str) -> list[str]:
+    """Device-only tensors whose cast TPU-MLIR did not strip (they stay f32 in a bf16/f16 build).
+
+    The engine still works (it converts through the host), but pays a copy each time; usually
+    the graph puts a shape op (Expand/Tile) between the input and the first compute op.
+    """
+    out = []
+    for net, info in piece_info.items():
+        for kind, idx in (("inputs", info.get("quant_inputs", [])), ("outputs", info.get("quant_outputs", []))):
+            tensors = io.get(net, {}).get(kind, [])
+            for i in idx:
+                if i - 1 < len(tensors) and tensors[i - 1]["dtype"] != activation_dtype:
+                    out.append(f"{net}.{tensors[i - 1]['name']} is {tensors[i - 1]['dtype']}")
+    return out
+
+
 def build_report(*, name: str, mode: str, chip: str, group_size: int, seq_length: int,
                  activation_dtype: str, tpu_mlir: str, bmodel: Path, piece_info: dict[str, dict[str, Any]],
-                 io: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+                 io: dict[str, dict[str, Any]]) -> dict[str, Any]:
     nets = {}
     for net, info in piece_info.items():
         nets[net] = {**info, **io.get(net, {})}
@@ -91,6 +108,7 @@ def build_report(*, name: str, mode: str, chip: str, group_size: int, seq_length
         "bmodel": bmodel.name,
         "bmodel_size": bmodel.stat().st_size,
         "total_estimated_cycles": total,
+        "device_dtype_mismatches": dtype_mismatches(piece_info, io, activation_dtype),
         "nets": nets,
     }
 
