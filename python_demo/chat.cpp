@@ -25,6 +25,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -34,6 +36,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include <unistd.h>
 
 #include "bmrt_api.h"
 
@@ -165,6 +169,41 @@ static std::vector<double> decode_raw(const uint8_t* src, size_t n, bm_data_type
   }
   return out;
 }
+
+// The simulator's firmware printf()s debug lines ("[0] do_allreduce", shapes of CPU layers) to
+// stdout, where they would interleave with a streamed answer or break JSON output. On cmodel
+// builds, stdout is pointed at stderr while a net runs: nothing is lost, stdout stays clean.
+// MLLAMA_CMODEL_STDOUT=1 keeps them on stdout.
+static bool keep_simulator_stdout() {
+  static const bool keep = [] {
+    const char* v = std::getenv("MLLAMA_CMODEL_STDOUT");
+    return v && *v && std::string(v) != "0";
+  }();
+  return keep;
+}
+
+class QuietStdout {
+ public:
+  QuietStdout() {
+#ifdef MLLAMA_CMODEL
+    if (keep_simulator_stdout()) return;
+    std::fflush(stdout);
+    saved_ = ::dup(1);
+    if (saved_ >= 0) ::dup2(2, 1);
+#endif
+  }
+  ~QuietStdout() {
+    if (saved_ < 0) return;
+    std::fflush(stdout);
+    ::dup2(saved_, 1);
+    ::close(saved_);
+  }
+  QuietStdout(const QuietStdout&) = delete;
+  QuietStdout& operator=(const QuietStdout&) = delete;
+
+ private:
+  int saved_ = -1;
+};
 
 static double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -310,6 +349,7 @@ class Engine {
   ~Engine() { deinit(); }
 
   void init(const std::vector<int>& devids, const std::string& bmodel_path) {
+    QuietStdout quiet;  // the simulator announces itself on stdout
     deinit();
     if (devids.size() != 1)
       throw std::invalid_argument("this engine runs a bmodel on exactly one device; got " +
@@ -330,6 +370,7 @@ class Engine {
   }
 
   void deinit() {
+    QuietStdout quiet;
     // Buffers first, then the runtime, then the device: each needs the next to be freed.
     k_cache_.clear(), v_cache_.clear(), cross_k_.clear(), cross_v_.clear();
     shared_.clear();
@@ -564,6 +605,7 @@ class Engine {
       views[i] = View{target->mem(), n.out_dtype(i), n.out_count(i)};
     }
     const auto t0 = std::chrono::steady_clock::now();
+    QuietStdout quiet;
     if (!bmrt_launch_tensor_ex(rt_->get(), n.name.c_str(), in.data(), ni, out.data(), no, true, false))
       fail("bmrt_launch_tensor_ex failed for net '" + n.name + "'");
     check_bm(bm_thread_sync(dev_->handle()), "bm_thread_sync", "net '" + n.name + "'");
@@ -965,6 +1007,15 @@ using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 PYBIND11_MODULE(chat, m) {
   m.doc() = "mllama-tpu engine: Llama-3.2-Vision bmodel on a BM1684X (or its simulator) through libbmrt";
   py::register_exception<SeqlenReached>(m, "SeqlenReached", PyExc_RuntimeError);
+#ifdef MLLAMA_CMODEL
+  // The simulator's library destructors say goodbye on stdout after Python has finished; this
+  // handler (registered after them, so it runs before them) sends that to stderr.
+  std::atexit([] {
+    if (keep_simulator_stdout()) return;
+    std::fflush(stdout);
+    ::dup2(2, 1);
+  });
+#endif
 
   py::class_<Engine>(m, "Engine")
       .def(py::init<>())

@@ -1,0 +1,231 @@
+"""The bmodel engine (C++ `chat` on the BM1684X simulator) generates what transformers and the ONNX
+reference engine generate, token for token, from the f32 bmodel of the tiny model.
+
+The simulator is slow (seconds per net launch), so each case compares the first MAX_NEW_TOKENS
+tokens: the prefill's token and decode steps that read the KV cache written by prefill and by
+decode itself, through the cross layers for image prompts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mllama_tpu.engines.bmodel import BmodelEngine
+from mllama_tpu.engines.onnx import OnnxEngine
+from mllama_tpu.generate import STOP_EOS, STOP_SEQLEN, generate
+from mllama_tpu.inputs import image_inputs_from, load_processor, pad_token_id, prefill_inputs, process, user_message
+from mllama_tpu.tiny import data
+from mllama_tpu.tiny.config import TILE_SIZE
+from mllama_tpu.tiny.task import LAYOUTS
+
+pytestmark = pytest.mark.slow
+
+MAX_NEW_TOKENS = 4
+SEED = 5151
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    messages: list[dict]
+    scene: data.Scene | None
+
+    @property
+    def image(self):
+        return data.render(self.scene) if self.scene is not None else None
+
+
+def exact_layout(scene: data.Scene) -> data.Scene:
+    """The scene scaled to exactly rows x cols tiles, so the processor picks that layout."""
+    rows, cols = scene.layout
+    k = cols * TILE_SIZE / scene.width
+    return dataclasses.replace(scene, width=cols * TILE_SIZE, height=rows * TILE_SIZE,
+                               centre=(scene.centre[0] * k, scene.centre[1] * k), size=scene.size * k)
+
+
+def make_cases() -> list[Case]:
+    rng = random.Random(SEED)
+    cases = []
+    for layout in LAYOUTS:  # all 8 tile layouts
+        s = data.make_sample(rng, layout, turns=1)
+        s = dataclasses.replace(s, scene=exact_layout(s.scene))
+        cases.append(Case(f"layout{layout[0]}x{layout[1]}", data.messages_for(s, with_last_answer=False), s.scene))
+    for i in range(2):  # free sizes: the processor chooses the layout and resizes
+        s = data.make_sample(rng, turns=1)
+        cases.append(Case(f"free{i}", data.messages_for(s, with_last_answer=False), s.scene))
+    for i in range(2):  # two-turn conversations: the first answer is history in the second prompt
+        s = data.make_sample(rng, turns=2)
+        cases.append(Case(f"two_turns{i}", data.messages_for(s, upto=2, with_last_answer=False), s.scene))
+    cases.append(Case("text_only", [user_message("What colour is the sky?", False)], None))
+    return cases
+
+
+CASES = make_cases()
+
+
+@pytest.fixture(scope="module")
+def bmodel_path(tiny_bmodel):
+    return tiny_bmodel("f32")
+
+
+@pytest.fixture(scope="module")
+def engine(bmodel_path):
+    e = BmodelEngine(bmodel_path, [0])
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(tiny_onnx_dir):
+    return OnnxEngine(tiny_onnx_dir)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_onnx_dir):
+    return load_processor(tiny_onnx_dir / "token_config")
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    from transformers import MllamaForConditionalGeneration
+
+    return MllamaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def hf_generate(model, processor, case: Case, max_new_tokens: int) -> list[int]:
+    text = processor.apply_chat_template(case.messages, add_generation_prompt=True)
+    images = [case.image] if case.scene is not None else None
+    f = processor(images=images, text=text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**f, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, f["input_ids"].shape[1]:].tolist()
+
+
+def prompt_for(engine, processor, case: Case):
+    f = process(processor, case.messages, case.image)
+    if case.scene is not None:
+        engine.encode_image(image_inputs_from(f))
+    return prefill_inputs(f["input_ids"][0], engine.seq_length, pad_token_id(processor),
+                          f.get("cross_attention_mask"), engine.num_patches, engine.max_tiles)
+
+
+def engine_tokens(engine, processor, case: Case, max_new_tokens: int, eos: list[int]) -> list[int]:
+    g = generate(engine, prompt_for(engine, processor, case), eos, max_new_tokens)
+    return g.tokens + ([eos[0]] if g.stop_reason == STOP_EOS else [])
+
+
+def test_cases_cover_every_layout(processor):
+    ids = {int(process(processor, c.messages, c.image)["aspect_ratio_ids"][0, 0]) for c in CASES if c.scene}
+    assert ids == set(range(1, len(LAYOUTS) + 1))
+    assert sum(c.scene is not None for c in CASES) >= 12
+
+
+def test_dims_come_from_the_bmodel(engine, hf_model, tiny_onnx_dir):
+    import json
+
+    manifest = json.loads((tiny_onnx_dir / "manifest.json").read_text())
+    tc, vc = hf_model.config.text_config, hf_model.config.vision_config
+    assert engine.seq_length == manifest["seq_length"]
+    assert engine.hidden_size == tc.hidden_size
+    assert engine.vocab_size == tc.vocab_size
+    assert engine.num_layers == tc.num_hidden_layers
+    assert engine.cross_layers == sorted(tc.cross_attention_layers)
+    assert engine.max_tiles == vc.max_num_tiles
+    assert engine.num_patches == (vc.image_size // vc.patch_size) ** 2 + 1
+    assert engine.sample_k == manifest["sampling"]["top_k"]
+    assert engine.memory["engine_bytes"] > 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_greedy_matches_transformers_and_onnx(engine, onnx_engine, processor, hf_model, case):
+    eos = list(hf_model.generation_config.eos_token_id)
+    engine.set_sampling("greedy")
+    onnx_engine.set_sampling("greedy")
+    want = hf_generate(hf_model, processor, case, MAX_NEW_TOKENS)
+    got = engine_tokens(engine, processor, case, MAX_NEW_TOKENS, eos)
+    ref = engine_tokens(onnx_engine, processor, case, MAX_NEW_TOKENS, eos)
+    # transformers keeps the EOS it stopped on; the engines report the stop instead
+    if want and want[-1] in eos:
+        want = want[:-1] + [eos[0]]
+    assert got == ref, f"{case.name}: bmodel {got} != onnx {ref}"
+    assert got == want, f"{case.name}: bmodel {got} != transformers {want}"
+
+
+def test_penalty_sampling_same_seed_same_tokens(engine, processor):
+    case = CASES[-1]  # text-only: the cheapest prompt on the simulator
+    runs = []
+    for seed in (11, 11):
+        engine.set_sampling("penalty_sample", temperature=1.5, top_p=0.95, top_k=20, repeat_penalty=1.2,
+                         repeat_last_n=16, seed=seed)
+        runs.append(engine_tokens(engine, processor, case, MAX_NEW_TOKENS, eos=[]))
+    assert runs[0] == runs[1]
+    assert all(0 <= t < engine.vocab_size for t in runs[0])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-4])
+def test_temperature_to_zero_is_greedy(engine, processor, temperature):
+    case = CASES[-1]
+    engine.set_sampling("greedy")
+    greedy = engine_tokens(engine, processor, case, MAX_NEW_TOKENS, eos=[])
+    engine.set_sampling("penalty_sample", temperature=temperature, top_p=1.0, top_k=50, repeat_penalty=1.0,
+                        repeat_last_n=16, seed=3)
+    assert engine_tokens(engine, processor, case, MAX_NEW_TOKENS, eos=[]) == greedy
+    engine.set_sampling("greedy")
+
+
+def test_seqlen_is_reached_and_reported(engine, onnx_engine):
+    """A prompt of SEQ-2 tokens leaves room for 3 tokens; the next decode is refused."""
+    seq = engine.seq_length
+    ids = np.arange(seq - 2) % 300 + 10
+    out = {}
+    for e in (engine, onnx_engine):
+        e.set_sampling("greedy")
+        g = generate(e, prefill_inputs(ids, seq, 0), [], 100)
+        assert g.stop_reason == STOP_SEQLEN and len(g.tokens) == 3
+        out[type(e).__name__] = g.tokens
+    assert out["BmodelEngine"] == out["OnnxEngine"]
+    with pytest.raises(engine.SeqlenReached, match="full"):
+        engine.decode(out["BmodelEngine"][-1])
+
+
+def test_image_prompt_needs_an_encoded_image(engine, processor):
+    case = CASES[0]
+    prompt_for(engine, processor, case)
+    engine.clear_image()
+    f = process(processor, case.messages, case.image)
+    p = prefill_inputs(f["input_ids"][0], engine.seq_length, 0, f["cross_attention_mask"], engine.num_patches,
+                       engine.max_tiles)
+    with pytest.raises(RuntimeError, match="encode_image"):
+        engine.prefill(p)
+
+
+def test_wrong_input_size_is_a_value_error(engine):
+    with pytest.raises(ValueError, match="takes"):
+        engine._e.encode_image(np.zeros(7, np.float32), np.zeros(1, np.int32), np.zeros(4, np.int32))
+    with pytest.raises(ValueError, match="token_count"):
+        engine._e.prefill(np.zeros(engine.seq_length, np.int32), np.zeros(engine.seq_length, np.int32),
+                          np.zeros(engine.seq_length ** 2, np.float32), engine.seq_length + 1)
+
+
+def test_simulator_debug_output_stays_off_stdout(bmodel_path):
+    """The simulator's firmware prints debug lines; a streamed answer (or JSON) on stdout must not see them."""
+    import subprocess
+    import sys
+
+    from mllama_tpu import REPO_ROOT
+
+    code = f"""
+import numpy as np
+from mllama_tpu.engines.bmodel import BmodelEngine
+from mllama_tpu.inputs import prefill_inputs
+e = BmodelEngine({str(bmodel_path)!r}, [0])
+print("token", e.prefill(prefill_inputs(np.arange(5) + 10, e.seq_length, 0)))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("token "), res.stdout[-3000:]
