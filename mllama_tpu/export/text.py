@@ -100,9 +100,9 @@ class SelfAttentionBlock(nn.Module):
         q = self.q_proj(h).view(1, s, d.num_attention_heads, d.head_dim)
         k = self.k_proj(h).view(1, s, d.num_key_value_heads, d.head_dim)
         v = self.v_proj(h).view(1, s, d.num_key_value_heads, d.head_dim)
-        ids = position_ids.reshape(-1).long()
-        cos = torch.index_select(self.cos, 0, ids).view(1, s, 1, d.head_dim)
-        sin = torch.index_select(self.sin, 0, ids).view(1, s, 1, d.head_dim)
+        ids = position_ids.long()  # [1,S]: gathered as is (no Reshape of a graph input, see image_kv)
+        cos = F.embedding(ids, self.cos).view(1, s, 1, d.head_dim)
+        sin = F.embedding(ids, self.sin).view(1, s, 1, d.head_dim)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if self.cache:
             all_k, all_v = torch.cat([history_k, k], dim=1), torch.cat([history_v, v], dim=1)
@@ -136,11 +136,11 @@ class CrossAttentionBlock(nn.Module):
 
     def image_kv(self, cross_attention_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dims
-        states = cross_attention_states.reshape(1, -1, d.hidden_size)  # [T,P,H] -> [1,T*P,H]
-        n = states.shape[1]
-        k = self.k_norm(self.k_proj(states).view(1, n, d.num_key_value_heads, d.head_dim))
-        v = self.v_proj(states).view(1, n, d.num_key_value_heads, d.head_dim)
-        return k, v
+        # Project the [T,P,H] input as is and flatten the tiles afterwards: a Reshape of a graph
+        # input feeding two MatMuls trips TPU-MLIR 1.30's op-reorder pass.
+        k, v = self.k_proj(cross_attention_states), self.v_proj(cross_attention_states)  # [T,P,KV*D]
+        k = self.k_norm(k.reshape(1, -1, d.num_key_value_heads, d.head_dim))
+        return k, v.reshape(1, -1, d.num_key_value_heads, d.head_dim)
 
     def layer(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_row_mask: torch.Tensor,
               attention_mask: torch.Tensor) -> torch.Tensor:

@@ -92,12 +92,12 @@ class VisionEncoder(nn.Module):
                 aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
         d = self.dims
         t, c, p, pp = d.max_num_tiles, d.vision_hidden_size, d.num_patches, d.padded_patches
-        ar = aspect_ratio_ids.reshape(1).long()
+        ar = aspect_ratio_ids.long()  # [1,1], gathered as is (no Reshape of a graph input: TPU-MLIR op-reorder bug)
         x = F.conv2d(pixel_values, self.patch_embedding, stride=d.patch_size)  # [T,C,g,g]
         x = x.reshape(t, c, p - 1).transpose(1, 2)  # [T,g*g,C] (static reshape: flatten would emit Shape)
-        x = x + torch.index_select(self.pre_tile, 0, ar).view(t, 1, c)
+        x = x + F.embedding(ar, self.pre_tile).view(t, 1, c)
         x = torch.cat([self.class_rows, x], dim=1)  # [T,P,C]
-        x = x + self.position + torch.index_select(self.tile_position, 0, ar).view(t, p, c)
+        x = x + self.position + F.embedding(ar, self.tile_position).view(t, p, c)
         x = self.layernorm_pre(x)
         if self.padding is not None:
             x = torch.cat([x, self.padding], dim=1)
@@ -109,7 +109,7 @@ class VisionEncoder(nn.Module):
             if i in d.vision_intermediate_layers:
                 after[i] = x
         x = self.layernorm_post(x).view(t, pp, c)
-        x = (x + torch.index_select(self.post_tile, 0, ar).view(t, 1, c)).reshape(1, t * pp, c)
+        x = (x + F.embedding(ar, self.post_tile).view(t, 1, c)).reshape(1, t * pp, c)
         for layer in self.global_layers:
             x = layer(x, mask)
         # Intermediate features are interleaved per channel (stacked on the last axis), as in transformers.
