@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from mllama_tpu.compile import parity
-from mllama_tpu.compile.jobs import Job, JobFailed, JobRunner
+from mllama_tpu.compile.jobs import Job, JobFailed, JobRunner, Step
 from mllama_tpu.compile.report import parse_model_info
 from mllama_tpu.compile.simulate import run_nets
 
@@ -115,7 +115,7 @@ def test_int4_bmodel_close_to_onnx(tiny_onnx_dir: Path, tiny_bmodel) -> None:
 
 def _job(tmp: Path, name: str, code: str) -> Job:
     cmd = [sys.executable, "-c", f"import time, sys; print('start', time.time()); {code}; print('end', time.time())"]
-    return Job(name, [cmd], tmp / "work" / name, tmp / "logs" / f"{name}.log", dict(os.environ), 1 << 20)
+    return Job(name, [Step(cmd)], tmp / "work" / name, tmp / "logs" / f"{name}.log", dict(os.environ), 1 << 20)
 
 
 def _spans(tmp: Path, names: list[str]) -> list[tuple[float, float]]:

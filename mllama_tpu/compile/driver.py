@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from mllama_tpu.compile import cache, combine, policy, report, space
 from mllama_tpu.compile.onnx_fixes import FIXES_VERSION, fix_for_tpu_mlir
-from mllama_tpu.compile.jobs import Job, JobResult, JobRunner
+from mllama_tpu.compile.jobs import Job, JobResult, JobRunner, Launcher, Step
 from mllama_tpu.compile.pieces import Export, Piece, load_export
 from mllama_tpu.compile.tpu_mlir import Toolchain, find_toolchain
+from mllama_tpu.compile.zygote import DISABLE_ENV, ZygoteClient
 
 
 def bmodel_name(name: str, mode: str, seq_length: int) -> str:
@@ -44,7 +45,7 @@ def _shapes_arg(piece: Piece) -> str:
     return "[" + ",".join("[" + ",".join(map(str, t.shape)) + "]" for t in piece.inputs) + "]"
 
 
-def _job(plan: _Plan, tc: Toolchain, chip: str, env: dict[str, str]) -> Job:
+def _job(plan: _Plan, tc: Toolchain, chip: str, env: dict[str, str], transform_via: Launcher | None) -> Job:
     p = plan.piece
     mlir = f"{p.net}.mlir"
     model_def = fix_for_tpu_mlir(p.onnx.resolve(), plan.work)
@@ -62,7 +63,7 @@ def _job(plan: _Plan, tc: Toolchain, chip: str, env: dict[str, str]) -> Job:
             "estimate": report.estimate_dict(est), "seconds": round(res.seconds, 2), "peak_rss": res.peak_rss})
         shutil.rmtree(plan.work, ignore_errors=True)
 
-    return Job(p.net, [transform, deploy], plan.work, plan.log, env, p.size, finish)
+    return Job(p.net, [Step(transform, transform_via), Step(deploy)], plan.work, plan.log, env, p.size, finish)
 
 
 def _plan(export: Export, out_dir: Path, mode: str, group_size: int, chip: str, version: str) -> list[_Plan]:
@@ -114,10 +115,17 @@ def compile_model(onnx_dir: str | Path, mode: str, name: str, seq_length: int, o
         bar.update(1)
         bar.set_postfix_str(f"{res.name} {'ok' if res.ok else 'FAILED'} {res.seconds:.0f}s")
 
+    # model_transform.py mostly imports (torch, transformers): one pre-imported, forked process.
+    zygote = None
+    if todo and os.environ.get(DISABLE_ENV) != "1":
+        zygote = ZygoteClient("wheel" if tc.wheel else tc.paths["model_transform.py"], env, tc.python)
     try:
-        JobRunner(max_jobs, progress=done).run([_job(pl, tc, chip, env) for pl in todo])
+        via = zygote.submit if zygote else None
+        JobRunner(max_jobs, progress=done).run([_job(pl, tc, chip, env, via) for pl in todo])
     finally:
         bar.close()
+        if zygote:
+            zygote.close()
     if (out_dir / "work").is_dir() and not any((out_dir / "work").iterdir()):
         (out_dir / "work").rmdir()
 

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import psutil
 
@@ -32,10 +32,31 @@ _PER_BYTE_GUESS = 6.0
 _MIN_WEIGHT = 64 << 20  # small pieces are dominated by the fixed cost; do not extrapolate from them
 
 
+class Handle(Protocol):
+    pid: int | None
+
+    def wait(self) -> int: ...
+
+
+# How to start one command somewhere other than a plain subprocess (see zygote.py):
+# (arguments after the tool, cwd, log path) -> running handle.
+Launcher = Callable[[list[str], Path, Path], Handle]
+
+
+@dataclass
+class Step:
+    cmd: list[str]
+    via: Launcher | None = None
+
+    @property
+    def tool(self) -> str:
+        return Path(self.cmd[0]).name
+
+
 @dataclass
 class Job:
     name: str
-    steps: list[list[str]]
+    steps: list[Step]
     cwd: Path
     log: Path
     env: dict[str, str]
@@ -148,22 +169,28 @@ class JobRunner:
         try:
             job.cwd.mkdir(parents=True, exist_ok=True)
             job.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(job.log, "w") as log:
-                for cmd in job.steps:
+            job.log.write_text("")
+            # Append mode: a launched tool may write the same file through its own descriptor.
+            with open(job.log, "a") as log:
+                for step in job.steps:
                     if self._abort.is_set():
                         rc, error = -1, "interrupted"
                         break
-                    log.write("$ " + " ".join(cmd) + "\n")
+                    log.write("$ " + " ".join(step.cmd) + "\n")
                     log.flush()
-                    # Same process group as us: killing the compile's group kills its tools too.
-                    proc = subprocess.Popen(cmd, cwd=job.cwd, env=job.env, stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-                    r.pid = proc.pid
+                    handle: Handle
+                    if step.via is None:
+                        # Same process group as us: killing the compile's group kills its tools too.
+                        handle = subprocess.Popen(step.cmd, cwd=job.cwd, env=job.env, stdout=log,
+                                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                    else:
+                        handle = step.via(step.cmd[1:], job.cwd, job.log)
+                    r.pid = handle.pid
                     self._wake.set()
-                    rc = proc.wait()
+                    rc = handle.wait()
                     r.pid = None
                     if rc != 0:
-                        error = f"{Path(cmd[0]).name} exited with {rc}"
+                        error = f"{step.tool} exited with {rc}"
                         break
             result = JobResult(job.name, rc == 0, time.monotonic() - start, r.peak, rc, error)
             if result.ok and job.on_success:

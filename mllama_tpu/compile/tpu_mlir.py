@@ -24,6 +24,8 @@ class Toolchain:
     paths: dict[str, str]  # tool name -> absolute path
     version: str
     origin: str  # where it was found, for logs and the report
+    wheel: bool  # the pip package (tools run through its console scripts), else a source build
+    python: str  # interpreter of that installation
 
     def cmd(self, tool: str, *args: str) -> list[str]:
         return [self.paths[tool], *args]
@@ -68,7 +70,8 @@ def find_toolchain(tpu_mlir_path: str | Path | None = None) -> Toolchain:
                    else "pip install tpu-mlir==1.30.2 (see scripts/setup_env.sh), or pass --tpu_mlir_path")
             raise UserError(f"TPU-MLIR not found: no {tool} on PATH ({origin}); {how}")
         paths[tool] = found
-    return Toolchain(env, paths, _version(paths["model_deploy.py"], env), origin)
+    python = sys.executable if not tpu_mlir_path else (shutil.which("python3", path=search) or sys.executable)
+    return Toolchain(env, paths, _version(paths["model_deploy.py"], env), origin, not tpu_mlir_path, python)
 
 
 def _version(deploy: str, env: dict[str, str]) -> str:
