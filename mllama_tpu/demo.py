@@ -1,0 +1,66 @@
+"""The README's `./run_demo.sh`: the whole chain on the bundled tiny model.
+
+With no arguments: export assets/tiny-mllama, compile it to an int4 bmodel (both cached under
+build/demo/, so a second run starts chatting at once), then ask the C++ engine on the simulator
+(or a real BM1684X) the toy task's questions about every sample image in assets/samples/.
+With arguments it is pipeline.py: `./run_demo.sh -m NAME.bmodel -t token_config -i image.jpg`.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from mllama_tpu import REPO_ROOT
+from mllama_tpu.errors import cli_main
+
+TINY_MODEL = REPO_ROOT / "assets" / "tiny-mllama"
+SAMPLES = REPO_ROOT / "assets" / "samples"
+WORK = REPO_ROOT / "build" / "demo"
+SEQ_LENGTH = 256
+MODE = "int4"
+
+
+def build_tiny_bmodel() -> Path:
+    from mllama_tpu.compile import compile_model
+    from mllama_tpu.export import export_model
+
+    print(f"== export {TINY_MODEL.relative_to(REPO_ROOT)} (seq_length {SEQ_LENGTH})", flush=True)
+    export_model(TINY_MODEL, WORK / "onnx", SEQ_LENGTH)
+    print(f"== compile {MODE} for bm1684x", flush=True)
+    return compile_model(WORK / "onnx", MODE, "tiny-mllama", SEQ_LENGTH, WORK / f"bmodel-{MODE}")
+
+
+def chat_about_samples(bmodel: Path) -> int:
+    from mllama_tpu.chat import ChatSession
+    from mllama_tpu.engines import open_engine
+
+    truth = json.loads((SAMPLES / "truth.json").read_text())
+    engine = open_engine("bmodel", bmodel)
+    session = ChatSession.create(engine, bmodel.parent / "token_config", max_new_tokens=32)
+    right = total = 0
+    for name, facts in truth.items():
+        session.set_image(SAMPLES / name)
+        w, h = facts["width"], facts["height"]
+        print(f"\n== {name}  ({w}x{h}, {facts['layout'][0]}x{facts['layout'][1]} tiles)")
+        for question, expected in facts["questions"].items():
+            turn = session.ask(question)
+            ok = turn.answer.strip() == expected
+            right, total = right + ok, total + 1
+            print(f"Q: {question}\nA: {turn.answer.strip()}   [{'ok' if ok else 'expected: ' + expected}]"
+                  f"   FTL {turn.ftl_s:.2f} s, {turn.tps:.1f} tok/s")
+    print(f"\n{right}/{total} answers as expected (bmodel {bmodel.relative_to(REPO_ROOT)})")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv:
+        sys.path.insert(0, str(REPO_ROOT / "python_demo"))
+        import pipeline
+
+        return pipeline.main(argv)
+    return chat_about_samples(build_tiny_bmodel())
+
+
+if __name__ == "__main__":
+    cli_main(lambda: main(sys.argv[1:]))
