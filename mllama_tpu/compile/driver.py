@@ -10,9 +10,11 @@ Output layout under out_dir:
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,19 @@ def _combine_fresh(out: Path, key: dict[str, Any]) -> bool:
             and out.stat().st_size == stamp.get("bmodel_size"))
 
 
+@contextmanager
+def _exclusive(out_dir: Path):
+    """One compile per output dir at a time (two test sessions may ask for the same cache)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".compile.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another compile into {out_dir} to finish", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def compile_model(onnx_dir: str | Path, mode: str, name: str, seq_length: int, out_dir: str | Path,
                   jobs: int | None = None, group_size: int = 64, chip: str = "bm1684x",
                   tpu_mlir_path: str | Path | None = None, progress: bool = True) -> Path:
@@ -92,6 +107,12 @@ def compile_model(onnx_dir: str | Path, mode: str, name: str, seq_length: int, o
     out_dir = Path(out_dir).resolve()
     export = load_export(onnx_dir, seq_length)
     tc = find_toolchain(tpu_mlir_path)
+    with _exclusive(out_dir):
+        return _compile(export, tc, mode, name, seq_length, out_dir, jobs, group_size, chip, progress)
+
+
+def _compile(export: Export, tc: Toolchain, mode: str, name: str, seq_length: int, out_dir: Path,
+             jobs: int | None, group_size: int, chip: str, progress: bool) -> Path:
     cores = os.cpu_count() or 1
     max_jobs = max(1, min(jobs or cores, cores))
 
