@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -204,3 +205,37 @@ def test_killed_compile_resumes(tiny_onnx_dir: Path, tiny_bmodel, tmp_path: Path
     report = json.loads((out / "compile_report.json").read_text())
     assert set(report["nets"]) == set(json.loads((base.parent / "compile_report.json").read_text())["nets"])
     assert np.all([report["nets"][n]["estimate"] is not None for n in dropped])
+
+
+@pytest.mark.slow
+def test_run_compile_exports_and_compiles(tiny_model_dir: Path, tiny_onnx_dir: Path, tiny_bmodel,
+                                          tmp_path: Path) -> None:
+    # Start from the cached export and pieces (both resumable), so only lm_head is compiled anew.
+    onnx_dir = copy_export(tiny_onnx_dir, tmp_path / "onnx")
+    out = tmp_path / "out"
+    _seed_pieces(tiny_bmodel("f32"), out, drop=["lm_head"])
+    proc = subprocess.run([RUN_COMPILE, "--model_name", "tiny", "--model_path", str(tiny_model_dir),
+                           "--seq_length", str(SEQ), "--mode", "f32", "--onnx_dir", str(onnx_dir), "--out", str(out),
+                           "--no_progress"], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    bmodel = out / "tiny-vision_f32_128seq.bmodel"
+    assert proc.stdout.strip().splitlines()[-1] == str(bmodel)
+    assert _without_create_time(bmodel) == _without_create_time(tiny_bmodel("f32"))
+    assert (out / "token_config" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_tpu_mlir_source_build_env_is_used(tiny_onnx_dir: Path, tiny_bmodel, tmp_path: Path) -> None:
+    # A "source build" whose envsetup.sh puts the installed TPU-MLIR tools on PATH ; the log
+    # shows the tools were taken from the sourced PATH.
+    bin_dir = Path(sys.executable).parent  # the venv's bin/, with TPU-MLIR's console scripts
+    build = tmp_path / "tpu-mlir"
+    build.mkdir()
+    (build / "envsetup.sh").write_text(f'export PATH="{bin_dir}:/usr/bin:/bin"\n')
+    out = tmp_path / "out"
+    _seed_pieces(tiny_bmodel("f32"), out, drop=["embedding_cache"])
+    proc = run(compile_args(tiny_onnx_dir, out, "f32", "--tpu_mlir_path", str(build)))
+    assert proc.returncode == 0, proc.stderr
+    assert _without_create_time(out / "tiny-vision_f32_128seq.bmodel") == _without_create_time(tiny_bmodel("f32"))
+    log = (out / "logs" / "embedding_cache.log").read_text()
+    assert f"$ {bin_dir}/model_transform.py" in log

@@ -19,6 +19,13 @@ from mllama_tpu.compile.policy import CHIPS, MODES
 from mllama_tpu.errors import UserError, cli_main
 
 
+ENV_HELP = """environment:
+  MLLAMA_TPU_FREE_BYTES=N   use N as the free disk space of the output dir (tests, or to override the check)
+  MLLAMA_TPU_NO_ZYGOTE=1    run model_transform.py as a plain process per piece (no shared pre-imported one)
+  OMP_NUM_THREADS=N         threads per TPU-MLIR job (default: cores / jobs)
+output: NAME-vision_MODE_SEQseq.bmodel, token_config/, compile_report.json, pieces/, logs/ in --out"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UserError (one line, exit 2) like every other bad input."""
 
@@ -38,7 +45,8 @@ def add_compile_args(ap: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="compile.sh", description="Compile exported ONNX pieces into one bmodel with TPU-MLIR.")
+    ap = _Parser(prog="compile.sh", description="Compile exported ONNX pieces into one bmodel with TPU-MLIR.",
+                 epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True, help="model name; output NAME-vision_MODE_SEQseq.bmodel")
     ap.add_argument("--onnx_dir", default="tmp/onnx", help="export dir with manifest.json (default tmp/onnx)")
     ap.add_argument("--out", default=".", help="output dir (default .)")

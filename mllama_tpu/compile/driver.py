@@ -27,6 +27,7 @@ from mllama_tpu.compile.jobs import Job, JobResult, JobRunner, Launcher, Step
 from mllama_tpu.compile.pieces import Export, Piece, load_export
 from mllama_tpu.compile.tpu_mlir import Toolchain, find_toolchain
 from mllama_tpu.compile.zygote import DISABLE_ENV, ZygoteClient
+from mllama_tpu.errors import UserError
 
 
 def bmodel_name(name: str, mode: str, seq_length: int) -> str:
@@ -104,6 +105,8 @@ def compile_model(onnx_dir: str | Path, mode: str, name: str, seq_length: int, o
     policy.check_mode(mode)
     policy.check_chip(chip)
     policy.check_group_size(group_size)
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs {jobs} is invalid; pass a positive number (or leave it out: one per core)")
     out_dir = Path(out_dir).resolve()
     export = load_export(onnx_dir, seq_length)
     tc = find_toolchain(tpu_mlir_path)
