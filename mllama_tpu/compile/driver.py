@@ -66,14 +66,15 @@ def _job(plan: _Plan, tc: Toolchain, chip: str, env: dict[str, str], transform_v
             "estimate": report.estimate_dict(est), "seconds": round(res.seconds, 2), "peak_rss": res.peak_rss})
         shutil.rmtree(plan.work, ignore_errors=True)
 
-    return Job(p.net, [Step(transform, transform_via), Step(deploy)], plan.work, plan.log, env, p.size, finish)
+    return Job(p.net, [Step(transform, transform_via), Step(deploy)], plan.work, plan.log, env, p.total_size,
+               finish)
 
 
 def _plan(export: Export, out_dir: Path, mode: str, group_size: int, chip: str, version: str) -> list[_Plan]:
     plans = []
     for p in export.pieces:
         pol = policy.piece_policy(p.net, mode, group_size, [t.name for t in p.inputs], [t.name for t in p.outputs])
-        key = cache.StampKey(p.sha256, mode, group_size, chip, pol.to_dict(), f"{version} fixes{FIXES_VERSION}")
+        key = cache.StampKey(p.digest, mode, group_size, chip, pol.to_dict(), f"{version} fixes{FIXES_VERSION}")
         plans.append(_Plan(p, pol, key, out_dir / "pieces" / f"{p.net}.bmodel", out_dir / "work" / p.net,
                            out_dir / "logs" / f"{p.net}.log"))
     return plans
@@ -121,8 +122,8 @@ def _compile(export: Export, tc: Toolchain, mode: str, name: str, seq_length: in
 
     plans = _plan(export, out_dir, mode, group_size, chip, tc.version)
     todo = [pl for pl in plans if not cache.is_fresh(pl.bmodel, pl.key)]
-    space.check_space(out_dir, space.estimate_bytes(mode, [pl.piece.size for pl in todo],
-                                                    [p.size for p in export.pieces], max_jobs))
+    space.check_space(out_dir, space.estimate_bytes(mode, [pl.piece.total_size for pl in todo],
+                                                    [p.total_size for p in export.pieces], max_jobs))
 
     env = dict(tc.env)
     # Each job gets its share of the cores; TPU-MLIR's default (4 threads) would oversubscribe.
@@ -131,7 +132,7 @@ def _compile(export: Export, tc: Toolchain, mode: str, name: str, seq_length: in
         cache.stamp_path(pl.bmodel).unlink(missing_ok=True)
         shutil.rmtree(pl.work, ignore_errors=True)
     # Largest first: the long jobs start early and the small ones fill the gaps.
-    todo.sort(key=lambda pl: pl.piece.size, reverse=True)
+    todo.sort(key=lambda pl: pl.piece.total_size, reverse=True)
     bar = tqdm(total=len(plans), initial=len(plans) - len(todo), desc=f"compile {mode}", unit="piece",
                disable=not progress)
 
@@ -170,7 +171,7 @@ def _compile(export: Export, tc: Toolchain, mode: str, name: str, seq_length: in
         st = stamps[pl.piece.net]
         info[pl.piece.net] = {**pl.policy.to_dict(), "estimate": st.get("estimate"),
                               "compile_seconds": st.get("seconds"), "peak_rss": st.get("peak_rss"),
-                              "onnx_sha256": pl.piece.sha256}
+                              "onnx_sha256": pl.piece.digest}
     rep = report.build_report(name=name, mode=mode, chip=chip, group_size=group_size, seq_length=seq_length,
                               activation_dtype=policy.activation_dtype(mode), tpu_mlir=tc.version,
                               bmodel=out, piece_info=info, io=io)

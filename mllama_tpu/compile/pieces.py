@@ -27,6 +27,15 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class DataFile:
+    """A checksummed file of the export: the .onnx itself or its external-data side file."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class Piece:
     net: str
     onnx: Path
@@ -34,6 +43,16 @@ class Piece:
     size: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    external: DataFile | None = None  # pieces over 2 GB keep their tensors in `<net>.onnx.data`
+
+    @property
+    def digest(self) -> str:
+        """Identity of the piece's content, graph and weights."""
+        return self.sha256 + (f"+{self.external.sha256}" if self.external else "")
+
+    @property
+    def total_size(self) -> int:
+        return self.size + (self.external.size if self.external else 0)
 
 
 @dataclass(frozen=True)
@@ -132,8 +151,10 @@ def load_export(onnx_dir: str | Path, seq_length: int, verify: bool = True) -> E
         where = f"{mpath} [{net}]"
         try:
             onnx_path = root / entry["file"]
+            ext = entry.get("external_data")
+            external = DataFile(root / ext["file"], str(ext["sha256"]), int(ext["size"])) if ext else None
             piece = Piece(net, onnx_path, str(entry["sha256"]), int(entry["size"]),
-                          _specs(entry["inputs"], where), _specs(entry["outputs"], where))
+                          _specs(entry["inputs"], where), _specs(entry["outputs"], where), external)
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: missing or bad field ({e}); re-run the export") from None
         if verify:
@@ -142,18 +163,24 @@ def load_export(onnx_dir: str | Path, seq_length: int, verify: bool = True) -> E
     return Export(root, manifest, seq_length, layers, pieces)
 
 
-def verify_piece(piece: Piece) -> None:
-    """The ONNX file is the one the manifest describes: same bytes, same graph inputs."""
-    if not piece.onnx.is_file():
-        raise UserError(f"{piece.onnx} is missing (listed in manifest.json for {piece.net}); re-run the export")
-    size = piece.onnx.stat().st_size
-    if size != piece.size:
-        raise UserError(f"{piece.onnx} has {size} bytes, manifest.json says {piece.size}; "
+def _verify_file(f: DataFile, net: str) -> None:
+    if not f.path.is_file():
+        raise UserError(f"{f.path} is missing (listed in manifest.json for {net}); re-run the export")
+    size = f.path.stat().st_size
+    if size != f.size:
+        raise UserError(f"{f.path} has {size} bytes, manifest.json says {f.size}; "
                         f"the file changed after export, re-run the export")
-    digest = sha256_file(piece.onnx)
-    if digest != piece.sha256:
-        raise UserError(f"{piece.onnx} checksum {digest[:12]}… differs from manifest.json "
-                        f"({piece.sha256[:12]}…); the file changed after export, re-run the export")
+    digest = sha256_file(f.path)
+    if digest != f.sha256:
+        raise UserError(f"{f.path} checksum {digest[:12]}… differs from manifest.json "
+                        f"({f.sha256[:12]}…); the file changed after export, re-run the export")
+
+
+def verify_piece(piece: Piece) -> None:
+    """The ONNX file (and its weights file) is what the manifest describes: same bytes, same inputs."""
+    _verify_file(DataFile(piece.onnx, piece.sha256, piece.size), piece.net)
+    if piece.external:
+        _verify_file(piece.external, piece.net)
     actual = _onnx_inputs(piece.onnx)
     if [(t.name, t.shape, t.dtype) for t in actual] != [(t.name, t.shape, t.dtype) for t in piece.inputs]:
         got = ", ".join(f"{t.name}{t.shape}:{t.dtype}" for t in actual)
