@@ -1004,6 +1004,24 @@ static std::optional<std::vector<T>> to_opt_vec(const py::object& o) {
 using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
+// The host conversions the engine falls back on when two nets disagree on a dtype, exposed so
+// tests can hold them against numpy/torch: f32 values -> dtype -> f32, and the raw 16-bit codes.
+static py::tuple host_roundtrip(const F32& values, const std::string& dtype) {
+  bm_data_type_t dt;
+  if (dtype == "f16") dt = BM_FLOAT16;
+  else if (dtype == "bf16") dt = BM_BFLOAT16;
+  else if (dtype == "f32") dt = BM_FLOAT32;
+  else throw std::invalid_argument("dtype must be f32, f16 or bf16, got '" + dtype + "'");
+  const size_t n = static_cast<size_t>(values.size());
+  const auto raw = encode(values.data(), n, dt);
+  const auto back = decode_raw(raw.data(), n, dt);
+  py::array_t<float> out(n);
+  for (size_t i = 0; i < n; ++i) out.mutable_data()[i] = static_cast<float>(back[i]);
+  py::array_t<uint16_t> codes(dt == BM_FLOAT32 ? 0 : n);
+  if (dt != BM_FLOAT32) std::memcpy(codes.mutable_data(), raw.data(), n * 2);
+  return py::make_tuple(out, codes);
+}
+
 PYBIND11_MODULE(chat, m) {
   m.doc() = "mllama-tpu engine: Llama-3.2-Vision bmodel on a BM1684X (or its simulator) through libbmrt";
   py::register_exception<SeqlenReached>(m, "SeqlenReached", PyExc_RuntimeError);
@@ -1086,4 +1104,6 @@ PYBIND11_MODULE(chat, m) {
       .def("net_stats", &Engine::net_stats, py::arg("reset") = false,
            "{net: (launches, total ms)}: where device time goes (profiling, benchmarks).")
       .def("net_names", &Engine::net_names);
+  m.def("host_roundtrip", &host_roundtrip, py::arg("values"), py::arg("dtype"),
+        "f32 values through the engine's host conversion to dtype and back: (values, 16-bit codes).");
 }

@@ -169,3 +169,31 @@ def test_non_contract_bmodel_names_what_is_missing(module_path, non_contract_bmo
                     "net 'greedy_head'", "net 'penalty_sample_head'", "net 'block_0'"):
         assert missing in line, f"{missing} not named in: {line}"
     assert "ready: False" in res.stdout
+
+
+def test_host_dtype_conversions_match_numpy_and_torch(module_path):
+    """When two nets disagree on a dtype the engine converts on the host: round to nearest even,
+    like torch (bf16) and numpy (f16), including subnormals, overflow and NaN."""
+    res = run_py("""
+        import numpy as np, torch, chat
+        rng = np.random.default_rng(0)
+        x = np.concatenate([
+            rng.standard_normal(20000).astype(np.float32) * 10.0 ** rng.integers(-9, 6, 20000),
+            np.array([0.0, -0.0, 65504.0, 65520.0, 1e6, -1e6, 6e-8, 3e-8, 1e-45, np.inf, -np.inf, -10000.0,
+                      1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -9, 1.0 + 2.0 ** -11], np.float32)]).astype(np.float32)
+        back, codes = chat.host_roundtrip(x, "bf16")
+        want = torch.from_numpy(x).to(torch.bfloat16)
+        assert np.array_equal(codes, want.view(torch.int16).numpy().view(np.uint16)), "bf16 codes"
+        assert np.array_equal(back, want.to(torch.float32).numpy()), "bf16 values"
+        back, codes = chat.host_roundtrip(x, "f16")
+        want = x.astype(np.float16)
+        assert np.array_equal(codes, want.view(np.uint16)), "f16 codes"
+        assert np.array_equal(back, want.astype(np.float32)), "f16 values"
+        nan_back, _ = chat.host_roundtrip(np.array([np.nan], np.float32), "bf16")
+        assert np.isnan(nan_back[0])
+        nan_back, _ = chat.host_roundtrip(np.array([np.nan], np.float32), "f16")
+        assert np.isnan(nan_back[0])
+        print("ok")
+    """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().endswith("ok")
