@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from .ours import build_ours
 
     def ours_fn(ck, w, seq, nets, log):
-        return build_ours(ck, w, seq, nets, log=log)
+        return build_ours(ck, w, seq, nets, log=log, reuse=args.reuse)
 
     def llmc_fn(ck, w, seq, nets, log):
         return build_llmc(ck, w, seq, nets, log=log)
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="build the vit at 2 depths to extrapolate its per-layer cost (default)")
     p.add_argument("--big_tables", action="store_true",
                    help="also compile our embedding/lm_head nets (needs ~20 GB free RAM at 11B)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep our nets compiled before even if the export code changed since")
     p.add_argument("--work", default="build/chip_speed", help="cache dir (default build/chip_speed)")
     args = p.parse_args(argv)
     return run(args)

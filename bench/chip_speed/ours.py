@@ -73,11 +73,22 @@ def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, 
 
 
 def build_ours(ckpt: Path, work: Path, seq_length: int, nets: list[str], mode: str = "int4",
-               group: int = 64, chip: str = "bm1684x", log=print) -> dict[str, Path]:
-    """Export the named pieces (cached by the export's own manifest) and compile each."""
+               group: int = 64, chip: str = "bm1684x", log=print,
+               reuse: bool = False) -> dict[str, Path]:
+    """Export the named pieces (cached by the export's own manifest) and compile each.
+
+    reuse: take a net compiled before as it is, even if the export code changed since (the
+    export re-exports everything when its code changes, which takes long at 11B dims).
+    """
     from mllama_tpu.export import export_model
 
     onnx_dir = work / "onnx"
+    if reuse:
+        done = {n: work / "compile" / n for n in nets
+                if (work / "compile" / n / "stamp.json").exists()
+                and (work / "compile" / n / f"{n}.bmodel").exists()}
+        if len(done) == len(nets):
+            return done
     log(f"[ours] export {', '.join(nets)}")
     manifest = json.loads(Path(export_model(ckpt, onnx_dir, seq_length, only=nets,
                                             progress=False)).read_text())
