@@ -118,7 +118,9 @@ def images(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, stdin: str | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    if timeout is None:  # the simulator runs a net in seconds, not milliseconds
+        timeout = 2400 if "bmodel" in args else 300
     return subprocess.run(
         [sys.executable, str(PIPELINE), *args],
         input=stdin, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
@@ -150,7 +152,8 @@ def json_lines(stdout: str) -> list[dict]:
 
 def test_scripted_json(backend, model_path, images, reference_engine, token_config):
     questions = [QUESTION, "What color is the background?"]
-    args = ["--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "6"]
+    n = 6 if backend == "onnx" else 3
+    args = ["--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", str(n)]
     r = run_cli(*args, "--enable_history", *sum([["-q", q] for q in questions], []), "--json")
     assert r.returncode == 0, r.stderr
     lines = json_lines(r.stdout)
@@ -159,7 +162,7 @@ def test_scripted_json(backend, model_path, images, reference_engine, token_conf
         assert set(l) == {"question", "answer", "tokens", "ftl_s", "tps"}
         assert l["ftl_s"] > 0 and l["tps"] >= 0 and l["tokens"]
     # The CLI says what the reference says for the same conversation (greedy, history on).
-    s = ChatSession.create(reference_engine, token_config, max_new_tokens=6, enable_history=True)
+    s = ChatSession.create(reference_engine, token_config, max_new_tokens=n, enable_history=True)
     s.set_sampling(SamplingParams())
     s.set_image(images["rgb"])
     for l in lines:
@@ -169,7 +172,7 @@ def test_scripted_json(backend, model_path, images, reference_engine, token_conf
 
 
 def test_cli_sampling_flags(backend, model_path, images):
-    args = ["--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "5",
+    args = ["--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "3",
             "--generation_mode", "penalty_sample", "--temperature", "1.5", "--top_p", "0.95", "--top_k", "20",
             "--repeat_penalty", "1.2", "--repeat_last_n", "8", "--seed", "11", "-q", QUESTION, "-q", QUESTION, "--json"]
     runs = [run_cli(*args) for _ in range(2)]
@@ -218,7 +221,7 @@ def test_interactive_on_a_terminal(backend, model_path, images):
     os.close(slave)
     seen = b""
 
-    def read_until(marker: bytes, timeout: float = 240) -> None:
+    def read_until(marker: bytes, timeout: float = 240 if backend == "onnx" else 2400) -> None:
         nonlocal seen
         end = time.time() + timeout
         while marker not in seen:
@@ -236,7 +239,7 @@ def test_interactive_on_a_terminal(backend, model_path, images):
         os.write(master, QUESTION.encode() + b"\n")
         read_until(b"TPS: ")
         os.write(master, b"exit\n")
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=60 if backend == "onnx" else 600) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -278,7 +281,9 @@ def test_token_config_of_another_model_is_refused(engine, token_config, tmp_path
 def test_missing_device_is_one_line(tiny_bmodel):
     r = run_cli("--backend", "bmodel", "-m", str(tiny_bmodel("f32")), "--devid", "97", "-q", QUESTION)
     assert r.returncode == 2
-    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    # The simulator's runtime may chatter on stderr; ours is one line and no traceback.
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "97" in errors[0] and "Traceback" not in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
