@@ -147,6 +147,10 @@ def _compile(export: Export, tc: Toolchain, mode: str, name: str, seq_length: in
     try:
         via = zygote.submit if zygote else None
         JobRunner(max_jobs, progress=done).run([_job(pl, tc, chip, env, via) for pl in todo])
+    except BaseException:
+        if zygote:
+            zygote.kill()
+        raise
     finally:
         bar.close()
         if zygote:

@@ -177,6 +177,11 @@ class ZygoteClient:
         h.started.wait()
         return h
 
+    def kill(self) -> None:
+        """Interrupted: stop at once (its running children are killed by the job runner)."""
+        self.proc.kill()
+        self.proc.wait()
+
     def close(self) -> None:
         try:
             if self.proc.stdin:
