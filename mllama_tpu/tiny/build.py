@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -28,11 +29,42 @@ def build_processor() -> MllamaProcessor:
     return MllamaProcessor(image_processor, tok.build_tokenizer(), chat_template=tok.CHAT_TEMPLATE)
 
 
-def new_model(seed: int) -> MllamaForConditionalGeneration:
+def global_position_table(config, amplitude: float = 0.3) -> torch.Tensor:
+    """[aspect_ratio_id, tile, patch, hidden] sin/cos code of each patch's position in the whole
+    image (not just its tile), for every supported tile arrangement; CLS and padding tiles get 0.
+
+    Why: the precomputed tile-position embedding can hold exactly this, but from a 0.02-std random
+    start the model did not discover "where in the image" (left/right) within the time we have.
+    """
+    vision = config.vision_config
+    grid = vision.image_size // vision.patch_size
+    patches = grid * grid + 1
+    hidden = vision.hidden_size
+    freqs = torch.arange(1, hidden // 4 + 1, dtype=torch.float32) * math.pi / 2
+    table = torch.zeros(len(vision.supported_aspect_ratios) + 1, vision.max_num_tiles, patches, hidden)
+    for ratio_id, (rows, cols) in enumerate(vision.supported_aspect_ratios, start=1):
+        for tile in range(rows * cols):
+            r, c = divmod(tile, cols)  # the processor splits the canvas into tiles row by row
+            for py in range(grid):
+                for px in range(grid):
+                    x = (c * grid + px + 0.5) / (cols * grid)
+                    y = (r * grid + py + 0.5) / (rows * grid)
+                    code = torch.cat([torch.sin(freqs * x), torch.cos(freqs * x), torch.sin(freqs * y), torch.cos(freqs * y)])
+                    table[ratio_id, tile, 1 + py * grid + px] = amplitude * code
+    return table
+
+
+def new_model(seed: int, position_init: bool = True) -> MllamaForConditionalGeneration:
     """A randomly initialised model. Every tanh gate is set nonzero: transformers initialises them
-    to 0, which would cut the image path and hide errors in it (export parity tests use this)."""
+    to 0, which would cut the image path and hide errors in it (export parity tests use this).
+    position_init puts global_position_table into the tile-position embedding."""
     torch.manual_seed(seed)
-    model = MllamaForConditionalGeneration(build_config())
+    config = build_config()
+    model = MllamaForConditionalGeneration(config)
+    if position_init:
+        embedding = model.model.vision_model.gated_positional_embedding.tile_embedding
+        with torch.no_grad():
+            embedding.weight.copy_(global_position_table(config).reshape(embedding.weight.shape))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

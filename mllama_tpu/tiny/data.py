@@ -83,9 +83,16 @@ def make_turn(question: Question, scene: Scene) -> Turn:
     return Turn(question.text, question.answer(scene.value(question.key)))
 
 
-def make_sample(rng: random.Random, layout: tuple[int, int] | None = None, turns: int | None = None) -> Sample:
+def make_sample(
+    rng: random.Random,
+    layout: tuple[int, int] | None = None,
+    turns: int | None = None,
+    turn_choices: tuple[int, ...] = (1, 2),
+) -> Sample:
+    """turns fixed, or drawn from turn_choices (the trainer asks for up to all 4 questions about one
+    image: more answers per vision pass; their prefixes are the 1- and 2-turn conversations)."""
     scene = make_scene(rng, layout)
-    n = turns if turns is not None else rng.choice((1, 2))
+    n = turns if turns is not None else rng.choice(turn_choices)
     questions = rng.sample(QUESTIONS, n)
     return Sample(scene, tuple(make_turn(q, scene) for q in questions))
 

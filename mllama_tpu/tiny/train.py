@@ -21,13 +21,16 @@ import torch
 from transformers import MllamaForConditionalGeneration
 
 from mllama_tpu.errors import UserError, cli_main
-from mllama_tpu.tiny import build, encode
+from mllama_tpu.tiny import aux, build, encode
 from mllama_tpu.tiny import tokenizer as tok
 from mllama_tpu.tiny.data import make_sample
 from mllama_tpu.tiny.evaluate import teacher_forced_accuracy
 from mllama_tpu.tiny.task import QUESTIONS
 
 _KEY_OF_QUESTION = {q.text: q.key for q in QUESTIONS}
+# Turns per training conversation: mostly all four questions about the image (4x the answers per
+# vision pass, the expensive part), some 1- and 2-turn conversations as the task states them.
+TRAIN_TURNS = (1, 2, 4, 4)
 
 
 @dataclass
@@ -45,11 +48,15 @@ class TrainConfig:
     threads: int = 2
     init_from: Path | None = None  # continue from a saved model directory
     log_every: int = 25
+    aux_weight: float = 1.0  # auxiliary vision supervision (see aux.py); 0 disables it
+    vector_lr_scale: float = 5.0  # lr multiplier of 1-D parameters (norms, gates, biases)
+    position_init: int = 1  # 1: start the tile-position embedding from build.global_position_table
 
 
 @dataclass
 class TrainResult:
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # language-model loss (answers only)
+    aux_losses: list[float] = field(default_factory=list)
     best_val: float = -1.0
     best_step: int = 0
     val_history: list[dict] = field(default_factory=list)
@@ -64,19 +71,28 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _optimizer(model: MllamaForConditionalGeneration, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: MllamaForConditionalGeneration, heads: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Decay only matrices: norms, gates, biases and small embeddings keep their scale.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    params = list(model.parameters()) + list(heads.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    # Norm weights and tanh gates move faster: the cross-attention's q/k RMSNorm weights bound how
+    # sharply text can attend to a few patches (the shape), and at lr they grow only ~lr per step.
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+        {"params": rest, "weight_decay": 0.0, "lr": cfg.lr * cfg.vector_lr_scale},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
-def _batch(processor, rng: random.Random, size: int, header: list[int]) -> tuple[dict, list[list[str]]]:
-    samples = [make_sample(rng) for _ in range(size)]
+def _batch(
+    processor, rng: random.Random, size: int, header: list[int], with_aux: bool = False
+) -> tuple[dict, list[list[str]], list[aux.AuxTargets]]:
+    samples = [make_sample(rng, turn_choices=TRAIN_TURNS) for _ in range(size)]
     encoded = [encode.encode(processor, s, header) for s in samples]
     keys = [[_KEY_OF_QUESTION[t.question] for t in s.turns] for s in samples]
-    return encode.collate(encoded, tok.special_id(tok.PAD)), keys
+    targets = [aux.targets(processor, s.scene) for s in samples] if with_aux else []
+    return encode.collate(encoded, tok.special_id(tok.PAD)), keys, targets
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -89,14 +105,18 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise UserError(f"--init-from {cfg.init_from}: no model.safetensors there; pass a saved model directory")
         model = MllamaForConditionalGeneration.from_pretrained(str(cfg.init_from), dtype=torch.float32)
     else:
-        model = build.new_model(cfg.seed)
+        model = build.new_model(cfg.seed, position_init=bool(cfg.position_init))
     model.train()
-    optimizer = _optimizer(model, cfg)
+    heads = aux.AuxHeads(model.config.text_config.hidden_size)
+    # The projector's output is what the text's cross-attention reads; the heads train on it.
+    captured: list[torch.Tensor] = []
+    model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    optimizer = _optimizer(model, heads, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 
     train_rng = random.Random(f"train-{cfg.seed}")
     val_rng = random.Random(f"val-{cfg.seed}")
-    val = [_batch(processor, val_rng, 32, header) for _ in range(max(1, cfg.val_count // 32))] if cfg.eval_every else []
+    val = [_batch(processor, val_rng, 32, header)[:2] for _ in range(max(1, cfg.val_count // 32))] if cfg.eval_every else []
 
     result = TrainResult()
     start = time.time()
@@ -110,18 +130,27 @@ def train(cfg: TrainConfig) -> TrainResult:
             _save(model, cfg, result, time.time() - start)
 
     for step in range(1, cfg.steps + 1):
-        batch, _ = _batch(processor, train_rng, cfg.batch_size, header)
+        batch, _, targets = _batch(processor, train_rng, cfg.batch_size, header, with_aux=cfg.aux_weight > 0)
+        captured.clear()
         loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total = loss
+        if cfg.aux_weight > 0:
+            features = captured[0].reshape(len(targets), -1, *captured[0].shape[-2:])  # [B, T, P, H]
+            aux_loss, _ = heads.loss(features, targets, batch["aspect_ratio_mask"][:, 0])
+            total = loss + cfg.aux_weight * aux_loss
+            result.aux_losses.append(float(aux_loss.detach()))
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(float(loss.detach()))
         if step % cfg.log_every == 0 or step == cfg.steps:
             recent = result.losses[-cfg.log_every :]
+            recent_aux = result.aux_losses[-cfg.log_every :] or [0.0]
             print(
-                f"step {step} loss {sum(recent) / len(recent):.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                f"step {step} loss {sum(recent) / len(recent):.4f} aux {sum(recent_aux) / len(recent_aux):.4f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} "
                 f"{time.time() - start:.0f}s",
                 flush=True,
             )
@@ -148,9 +177,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="model directory to write")
     defaults = TrainConfig(out=Path("."))
-    for name in ("seed", "steps", "batch_size", "warmup", "eval_every", "val_count", "threads", "log_every"):
+    for name in ("seed", "steps", "batch_size", "warmup", "eval_every", "val_count", "threads", "log_every", "position_init"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "min_lr_ratio", "weight_decay"):
+    for name in ("lr", "min_lr_ratio", "weight_decay", "aux_weight", "vector_lr_scale"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--init-from", type=Path, default=None)
     args = parser.parse_args()
@@ -158,7 +187,8 @@ def main() -> int:
         raise UserError("--steps and --batch-size must be at least 1")
     cfg = TrainConfig(**vars(args))
     result = train(cfg)
-    print(f"done: {len(result.losses)} steps in {result.seconds:.0f}s, best val {result.best_val:.3f} at step {result.best_step}")
+    best = f", best val {result.best_val:.3f} at step {result.best_step}" if cfg.eval_every else ""
+    print(f"done: {len(result.losses)} steps in {result.seconds:.0f}s{best}")
     return 0
 
 
