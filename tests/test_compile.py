@@ -156,3 +156,4 @@ def test_failed_job_reports_name_log_and_tail(tmp_path: Path) -> None:
     assert err.name == "bad" and err.log == tmp_path / "logs" / "bad.log"
     assert "the reason it broke" in str(err) and "exited with 3" in str(err)
     assert not (tmp_path / "logs" / "later.log").exists()  # nothing new starts after a failure
+

@@ -22,7 +22,6 @@ from typing import Any
 from tqdm import tqdm
 
 from mllama_tpu.compile import cache, combine, policy, report, space
-from mllama_tpu.compile.onnx_fixes import FIXES_VERSION, fix_for_tpu_mlir
 from mllama_tpu.compile.jobs import Job, JobResult, JobRunner, Launcher, Step
 from mllama_tpu.compile.pieces import Export, Piece, load_export
 from mllama_tpu.compile.tpu_mlir import Toolchain, find_toolchain
@@ -51,8 +50,7 @@ def _shapes_arg(piece: Piece) -> str:
 def _job(plan: _Plan, tc: Toolchain, chip: str, env: dict[str, str], transform_via: Launcher | None) -> Job:
     p = plan.piece
     mlir = f"{p.net}.mlir"
-    model_def = fix_for_tpu_mlir(p.onnx.resolve(), plan.work)
-    transform = tc.cmd("model_transform.py", "--model_name", p.net, "--model_def", str(model_def),
+    transform = tc.cmd("model_transform.py", "--model_name", p.net, "--model_def", str(p.onnx.resolve()),
                        "--input_shapes", _shapes_arg(p), "--input_types", ",".join(t.dtype for t in p.inputs),
                        "--mlir", mlir)
     deploy = tc.cmd("model_deploy.py", "--mlir", mlir, "--chip", chip, *plan.policy.deploy_args(),
@@ -74,7 +72,7 @@ def _plan(export: Export, out_dir: Path, mode: str, group_size: int, chip: str, 
     plans = []
     for p in export.pieces:
         pol = policy.piece_policy(p.net, mode, group_size, [t.name for t in p.inputs], [t.name for t in p.outputs])
-        key = cache.StampKey(p.digest, mode, group_size, chip, pol.to_dict(), f"{version} fixes{FIXES_VERSION}")
+        key = cache.StampKey(p.digest, mode, group_size, chip, pol.to_dict(), version)
         plans.append(_Plan(p, pol, key, out_dir / "pieces" / f"{p.net}.bmodel", out_dir / "work" / p.net,
                            out_dir / "logs" / f"{p.net}.log"))
     return plans
