@@ -98,12 +98,9 @@ class CheckpointWeights:
             rows, cols = shape
             out = torch.empty((cols, rows) if transpose else (rows, cols), dtype=torch.float32)
             step = max(1, (1 << 24) // max(cols, 1))  # ~16M elements per slice
-            for i in range(0, rows, step):
-                part = sl[i:i + step].to(torch.float32)
-                if transpose:
-                    out[:, i:i + step] = part.t()
-                else:
-                    out[i:i + step] = part
+            for i in range(0, rows, step):  # copy_ converts and transposes in one pass
+                part = sl[i:i + step]
+                (out[:, i:i + step] if transpose else out[i:i + step]).copy_(part.t() if transpose else part)
             return out
 
     def group(self, prefix: str, transpose: Callable[[str], bool] = lambda name: False) -> dict[str, torch.Tensor]:

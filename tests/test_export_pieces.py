@@ -243,6 +243,9 @@ def test_external_data_piece_matches_single_file(tiny, tmp_path, monkeypatch):
     assert entry["external_data"]["file"] == "pieces/block_1.onnx.data"
     assert entry["inputs"] == manifest["pieces"]["block_1"]["inputs"]
     assert entry["size"] < 100_000 < entry["external_data"]["size"]  # the weights really moved out
+    for f in (entry, entry["external_data"]):  # checksums taken while writing match the files
+        assert onnx_io.sha256_file(tmp_path / f["file"]) == f["sha256"]
+        assert (tmp_path / f["file"]).stat().st_size == f["size"]
     x = np.random.randn(1, manifest["dims"]["hidden_size"]).astype(np.float32)
     (a,) = run(out, "lm_head", hidden_states=x)
     (b,) = run(tmp_path, "lm_head", hidden_states=x)

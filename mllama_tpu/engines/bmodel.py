@@ -39,19 +39,34 @@ def load_chat_module(build_dir: Path = BUILD_DIR) -> ModuleType:
     return module
 
 
-def _token_facts(bmodel: Path) -> dict[str, Any]:
-    """eos ids and the image token id are not in the bmodel: take them from the export manifest
-    or compile report the compile step writes beside it, when there is one."""
-    for name in ("manifest.json", "compile_report.json"):
-        path = bmodel.parent / name
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        for d in (data, data.get("manifest", {}) if isinstance(data, dict) else {}):
-            if isinstance(d, dict) and ("eos_token_ids" in d or "image_token_id" in d):
-                return d
-    return {}
+def _ids(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return [int(t) for t in x] if isinstance(x, (list, tuple)) else [int(x)]
+
+
+def _token_facts(bmodel: Path) -> tuple[list[int], int | None]:
+    """(eos ids, image token id): not in the bmodel, so taken from what export/compile write
+    beside it: a manifest.json, else token_config/ (config.json + generation_config.json)."""
+    d = bmodel.parent
+    try:
+        m = json.loads((d / "manifest.json").read_text())
+        return _ids(m.get("eos_token_ids")), m.get("image_token_id")
+    except (OSError, ValueError):
+        pass
+    eos: list[int] = []
+    image_token_id = None
+    try:
+        cfg = json.loads((d / "token_config" / "config.json").read_text())
+        eos += _ids(cfg.get("text_config", {}).get("eos_token_id"))
+        image_token_id = cfg.get("image_token_index", cfg.get("image_token_id"))
+    except (OSError, ValueError):
+        pass
+    try:
+        eos += _ids(json.loads((d / "token_config" / "generation_config.json").read_text()).get("eos_token_id"))
+    except (OSError, ValueError):
+        pass
+    return list(dict.fromkeys(eos)), image_token_id
 
 
 class BmodelEngine(Engine):
@@ -72,9 +87,8 @@ class BmodelEngine(Engine):
         self.num_layers = e.NUM_LAYERS
         self.cross_layers = list(e.cross_layers)
         self.sample_k = e.SAMPLE_K
-        facts = _token_facts(self.bmodel_path)
-        self.eos_token_ids = [int(t) for t in facts.get("eos_token_ids", [])]
-        itid = facts.get("image_token_id")
+        eos, itid = _token_facts(self.bmodel_path)
+        self.eos_token_ids = eos
         self.image_token_id = int(itid) if itid is not None else None
         self.sampling = SamplingParams()
         self.memory = dict(e.memory_info())  # engine_bytes (+ device_used_mb where reported)

@@ -61,10 +61,10 @@ def export_model(model_dir: str | Path, out_dir: str | Path, seq_length: int, de
             continue
         manifest["pieces"].pop(name, None)
         piece = build_piece(name, weights, dims, seq_length)
-        io = export_piece(piece, pieces_dir, device)
+        info = export_piece(piece, pieces_dir, device)
         del piece
         gc.collect()  # the piece's weights go before the next piece is read
-        manifest["pieces"][name] = _entry(out_dir, name) | io
+        manifest["pieces"][name] = _entry(name, info)
         _write_json(manifest_path, manifest)
     manifest["token_config"] = _copy_token_config(model_dir, out_dir / "token_config")
     _write_json(manifest_path, manifest)
@@ -121,14 +121,11 @@ def _header(dims: ModelDims, seq_length: int, fingerprint: dict[str, Any]) -> di
             "sampling": {"top_k": top_k(dims), "recent_ids": RECENT_IDS}, "fingerprint": fingerprint}
 
 
-def _entry(out_dir: Path, name: str) -> dict[str, Any]:
-    path = out_dir / "pieces" / f"{name}.onnx"
-    entry: dict[str, Any] = {"file": f"pieces/{name}.onnx", "sha256": sha256_file(path),
-                             "size": path.stat().st_size}
-    data = path.with_name(path.name + ".data")
-    if data.exists():  # > 2 GB piece: its tensors live in one side file, checksummed on its own
-        entry["external_data"] = {"file": f"pieces/{data.name}", "sha256": sha256_file(data),
-                                  "size": data.stat().st_size}
+def _entry(name: str, info: dict[str, Any]) -> dict[str, Any]:
+    """Manifest entry: paths relative to the export dir, checksums from export_piece."""
+    entry = {"file": f"pieces/{name}.onnx", **info}
+    if "external_data" in info:  # > 2 GB piece: its tensors live in one side file, checksummed on its own
+        entry["external_data"] = {"file": f"pieces/{name}.onnx.data", **info["external_data"]}
     return entry
 
 

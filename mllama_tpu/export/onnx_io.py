@@ -18,7 +18,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import onnx
 import torch
@@ -42,6 +42,25 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+class _HashingWriter:
+    """File writer that hashes what it writes, so a piece is never read back to checksum it."""
+
+    def __init__(self, path: Path) -> None:
+        self.f, self.sha, self.size = open(path, "wb"), hashlib.sha256(), 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.f.write(data)
+        self.sha.update(data)
+        self.size += len(data) if isinstance(data, bytes) else data.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> dict[str, Any]:
+        self.f.close()
+        return {"sha256": self.sha.hexdigest(), "size": self.size}
 
 
 class _WeightsAsInputs(nn.Module):
@@ -69,8 +88,11 @@ class _WeightsAsInputs(nn.Module):
 
 
 def export_piece(piece: Piece, pieces_dir: Path, device: str = "cpu") -> dict[str, Any]:
-    """Export `piece` to pieces_dir/<name>.onnx (+ <name>.onnx.data when large); returns its
-    inputs/outputs (names, static shapes, dtypes) as read back from the graph."""
+    """Export `piece` to pieces_dir/<name>.onnx (+ <name>.onnx.data when large).
+
+    Returns {"sha256", "size", ["external_data": {"sha256", "size"}], "inputs", "outputs"}:
+    checksums computed while writing, I/O (names, static shapes, dtypes) read from the graph.
+    """
     tmp = pieces_dir / f".tmp-{piece.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -84,7 +106,7 @@ def export_piece(piece: Piece, pieces_dir: Path, device: str = "cpu") -> dict[st
                           output_names=piece.outputs, opset_version=OPSET, dynamo=False, do_constant_folding=True)
     weights = dict(zip(wrapped.names, (t.cpu() for t in wrapped.tensors)))
     del wrapped, args
-    io = _attach_weights(tmp / onnx_name, weights, data_name)
+    info = _attach_weights(tmp / onnx_name, weights, data_name)
     del weights
     final_onnx, final_data = pieces_dir / onnx_name, pieces_dir / data_name
     final_onnx.unlink(missing_ok=True)  # the .onnx goes last: present means complete
@@ -93,11 +115,11 @@ def export_piece(piece: Piece, pieces_dir: Path, device: str = "cpu") -> dict[st
         os.replace(tmp / data_name, final_data)
     os.replace(tmp / onnx_name, final_onnx)
     shutil.rmtree(tmp, ignore_errors=True)
-    return io
+    return info
 
 
 def _attach_weights(onnx_path: Path, weights: dict[str, torch.Tensor], data_name: str) -> dict[str, Any]:
-    """Turn the traced weight inputs back into initializers, streaming their bytes; returns describe()."""
+    """Turn the traced weight inputs back into initializers, streaming their bytes."""
     model = onnx.load(str(onnx_path))
     used = [i.name for i in model.graph.input if i.name in weights]
     real_inputs = [i for i in model.graph.input if i.name not in weights]
@@ -105,34 +127,35 @@ def _attach_weights(onnx_path: Path, weights: dict[str, torch.Tensor], data_name
     model.graph.input.extend(real_inputs)
     io = _describe(model)
     total = sum(weights[n].numel() * weights[n].element_size() for n in used)
-    external = total > SINGLE_FILE_LIMIT
-    if external:
-        with open(onnx_path.parent / data_name, "wb") as data:
-            for name in used:
-                offset = data.tell()
-                n = _write_tensor_bytes(data, weights[name])
-                t = model.graph.initializer.add()
-                _tensor_header(t, name, weights[name])
-                t.data_location = TensorProto.EXTERNAL
-                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(n))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
-                data.write(b"\0" * (-data.tell() % _ALIGN))  # page-align the next tensor: mmap-friendly
-        onnx.save(model, str(onnx_path))
-        return io
-    with open(onnx_path, "wb") as f:
+    if total > SINGLE_FILE_LIMIT:
+        data = _HashingWriter(onnx_path.parent / data_name)
+        for name in used:
+            offset = data.tell()
+            n = _write_tensor_bytes(data, weights[name])
+            t = model.graph.initializer.add()
+            _tensor_header(t, name, weights[name])
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(n))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            data.write(b"\0" * (-data.tell() % _ALIGN))  # page-align the next tensor: mmap-friendly
+        external = data.close()
+        f = _HashingWriter(onnx_path)
         f.write(model.SerializeToString())
-        for name in used:  # each one a ModelProto{graph{initializer{...}}} that merges on parse
-            header = TensorProto()
-            _tensor_header(header, name, weights[name])
-            head = header.SerializeToString()
-            nbytes = weights[name].numel() * weights[name].element_size()
-            tensor_len = len(head) + len(_tag(_RAW_DATA)) + len(_varint(nbytes)) + nbytes
-            graph_len = len(_tag(_INITIALIZER)) + len(_varint(tensor_len)) + tensor_len
-            f.write(_tag(_GRAPH) + _varint(graph_len) + _tag(_INITIALIZER) + _varint(tensor_len) + head
-                    + _tag(_RAW_DATA) + _varint(nbytes))
-            _write_tensor_bytes(f, weights[name])
-    return io
+        return f.close() | {"external_data": external} | io
+    f = _HashingWriter(onnx_path)
+    f.write(model.SerializeToString())
+    for name in used:  # each one a ModelProto{graph{initializer{...}}} that merges on parse
+        header = TensorProto()
+        _tensor_header(header, name, weights[name])
+        head = header.SerializeToString()
+        nbytes = weights[name].numel() * weights[name].element_size()
+        tensor_len = len(head) + len(_tag(_RAW_DATA)) + len(_varint(nbytes)) + nbytes
+        graph_len = len(_tag(_INITIALIZER)) + len(_varint(tensor_len)) + tensor_len
+        f.write(_tag(_GRAPH) + _varint(graph_len) + _tag(_INITIALIZER) + _varint(tensor_len) + head
+                + _tag(_RAW_DATA) + _varint(nbytes))
+        _write_tensor_bytes(f, weights[name])
+    return f.close() | io
 
 
 def _tensor_header(t: TensorProto, name: str, tensor: torch.Tensor) -> None:
@@ -141,7 +164,7 @@ def _tensor_header(t: TensorProto, name: str, tensor: torch.Tensor) -> None:
     t.data_type = onnx.helper.np_dtype_to_tensor_dtype(tensor.numpy().dtype)
 
 
-def _write_tensor_bytes(f: BinaryIO, tensor: torch.Tensor) -> int:
+def _write_tensor_bytes(f: _HashingWriter, tensor: torch.Tensor) -> int:
     """Write the tensor's little-endian bytes without materialising a copy of it."""
     buf = memoryview(tensor.contiguous().numpy()).cast("B")
     f.write(buf)
