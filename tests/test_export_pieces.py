@@ -250,3 +250,26 @@ def test_external_data_piece_matches_single_file(tiny, tmp_path, monkeypatch):
     (a,) = run(out, "lm_head", hidden_states=x)
     (b,) = run(tmp_path, "lm_head", hidden_states=x)
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["transformers4", "transformers5"])
+def test_rotary_tables_match_transformers(layout):
+    """cos/sin tables (llama3 scaling) from either config layout == transformers' rotary embedding."""
+    from transformers import MllamaConfig
+
+    from mllama_tpu.config import ModelDims
+    from mllama_tpu.export.rope import rotary_tables
+
+    cfg = tiny_config()
+    text = cfg["text_config"]
+    text["rope_scaling"]["original_max_position_embeddings"] = 64  # positions below cross every band
+    if layout == "transformers5":
+        text["rope_parameters"] = {**text.pop("rope_scaling"), "rope_theta": text.pop("rope_theta")}
+    dims = ModelDims.from_hf_config(cfg)
+    assert dims.rope_scaling is not None and dims.rope_scaling["rope_type"] == "llama3"
+    cos, sin = rotary_tables(dims, 1024)
+    model = MllamaForConditionalGeneration(MllamaConfig(**cfg))
+    lm = model.model.language_model
+    pos = torch.arange(1024).view(1, -1)
+    ref_cos, ref_sin = lm.rotary_emb(torch.zeros(1, 1024, dims.hidden_size), pos)
+    assert torch.allclose(cos, ref_cos[0], atol=1e-5) and torch.allclose(sin, ref_sin[0], atol=1e-5)
