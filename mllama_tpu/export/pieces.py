@@ -48,7 +48,7 @@ def piece_names(dims: ModelDims) -> list[str]:
 
 
 def build_piece(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int) -> Piece:
-    f32, i32 = torch.float32, torch.int32
+    i32 = torch.int32
     h, kv, d = dims.hidden_size, dims.num_key_value_heads, dims.head_dim
     t, p, s = dims.max_num_tiles, dims.num_patches, dims.tile_size
     zeros = torch.zeros

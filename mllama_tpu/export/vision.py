@@ -42,8 +42,9 @@ class VisionLayer(nn.Module):
             Linear(w.pop(p + f"self_attn.{n}_proj.weight")) for n in "qkvo")
         self.fc1 = Linear(w.pop(p + "mlp.fc1.weight"), w.pop(p + "mlp.fc1.bias"))
         self.fc2 = Linear(w.pop(p + "mlp.fc2.weight"), w.pop(p + "mlp.fc2.bias"))
-        self.gate_attn = float(torch.tanh(w.pop(p + "gate_attn")).item()) if gated else 1.0
-        self.gate_ffn = float(torch.tanh(w.pop(p + "gate_ffn")).item()) if gated else 1.0
+        # Global layers scale both branches by tanh(gate), folded here; local layers have no gates.
+        self.gate_attn = float(torch.tanh(w.pop(p + "gate_attn")).item()) if gated else None
+        self.gate_ffn = float(torch.tanh(w.pop(p + "gate_ffn")).item()) if gated else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]
@@ -52,8 +53,10 @@ class VisionLayer(nn.Module):
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         scores = torch.matmul(q, k.transpose(2, 3)) * (self.head_dim ** -0.5) + mask
         a = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(1, n, -1)
-        x = x + self.gate_attn * self.o_proj(a)
-        return x + self.gate_ffn * self.fc2(F.gelu(self.fc1(self.post_attention_layernorm(x))))
+        a = self.o_proj(a)
+        x = x + (a if self.gate_attn is None else self.gate_attn * a)
+        m = self.fc2(F.gelu(self.fc1(self.post_attention_layernorm(x))))
+        return x + (m if self.gate_ffn is None else self.gate_ffn * m)
 
 
 class VisionEncoder(nn.Module):
