@@ -1,7 +1,7 @@
 """Our side: mllama_tpu.export to ONNX pieces, then each piece through TPU-MLIR with our policy.
 
 Each net is compiled alone in its own directory with the same commands as
-mllama_tpu.compile.driver (its ONNX fix-ups, input types, and the model_deploy.py flags
+mllama_tpu.compile.driver (input types, and the model_deploy.py flags
 mllama_tpu.compile.policy gives that piece), so its compiler_profile_0.txt is kept (the compile
 stage deletes a piece's scratch dir) and
 a net whose ONNX did not change is not rebuilt. The flags are the compile stage's, so what is
@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mllama_tpu.compile.onnx_fixes import fix_for_tpu_mlir
 from mllama_tpu.compile.policy import piece_policy
 
 _BIN = Path(sys.executable).parent
@@ -60,8 +59,7 @@ def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, 
     log.write_text("")
     ins = entry["inputs"]
     outs = entry["outputs"]
-    # The compile stage's own ONNX rewrite around a tpu-mlir bug (a no-op for most pieces).
-    model_def = fix_for_tpu_mlir((onnx_dir / entry["file"]).resolve(), d)
+    model_def = (onnx_dir / entry["file"]).resolve()
     _run([str(_BIN / "model_transform.py"), "--model_name", net, "--model_def", str(model_def),
           "--input_shapes", _shape_arg(ins), "--input_types", ",".join(i["dtype"] for i in ins),
           "--mlir", f"{net}.mlir", *_no_sim_if_huge(entry)], d, log)
