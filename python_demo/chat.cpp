@@ -383,6 +383,7 @@ class Engine {
     is_cross_.clear(), cross_layers.clear();
     image_ready_ = cross_ready_ = false;
     token_pos_ = 0;
+    history_.clear();
   }
 
   bool ready() const { return rt_ != nullptr; }
@@ -724,7 +725,9 @@ class Engine {
       expect_count("text_row_mask", text_row_mask->size(), seq);
       expect_count("decode_cross_mask", decode_cross_mask->size(), tp);
     }
+    // Until this prefill completes, decode refuses to run on a half-written cache.
     cross_ready_ = false;
+    history_.clear();
 
     Net& emb = net("embedding");
     View h = launch(emb, {{"input_ids", upload_input(emb, "input_ids", input_ids.data(), seq)}},
@@ -939,7 +942,8 @@ class Engine {
     py::dict d;
     d["engine_bytes"] = allocated_;
     bm_dev_stat_t st{};
-    if (bm_get_stat(dev_->handle(), &st) == BM_SUCCESS) {
+    // The simulator answers with zeros: only a real device's numbers are reported.
+    if (bm_get_stat(dev_->handle(), &st) == BM_SUCCESS && st.mem_total > 0) {
       d["device_used_mb"] = st.mem_used;
       d["device_total_mb"] = st.mem_total;
     }
@@ -1026,13 +1030,18 @@ PYBIND11_MODULE(chat, m) {
   m.doc() = "mllama-tpu engine: Llama-3.2-Vision bmodel on a BM1684X (or its simulator) through libbmrt";
   py::register_exception<SeqlenReached>(m, "SeqlenReached", PyExc_RuntimeError);
 #ifdef MLLAMA_CMODEL
-  // The simulator's library destructors say goodbye on stdout after Python has finished; this
-  // handler (registered after them, so it runs before them) sends that to stderr.
-  std::atexit([] {
+  // The simulator says goodbye on stdout from its exit-time destructors, after Python is done.
+  // A Python atexit handler (they run before those) flushes Python's stdout and then points
+  // fd 1 at stderr, so the goodbye never lands in a streamed answer or JSON output.
+  py::module_::import("atexit").attr("register")(py::cpp_function([] {
     if (keep_simulator_stdout()) return;
+    try {
+      py::module_::import("sys").attr("stdout").attr("flush")();
+    } catch (const py::error_already_set&) {
+    }
     std::fflush(stdout);
     ::dup2(2, 1);
-  });
+  }));
 #endif
 
   py::class_<Engine>(m, "Engine")

@@ -138,6 +138,9 @@ def test_dims_come_from_the_bmodel(engine, hf_model, tiny_onnx_dir):
     assert engine.num_patches == (vc.image_size // vc.patch_size) ** 2 + 1
     assert engine.sample_k == manifest["sampling"]["top_k"]
     assert engine.memory["engine_bytes"] > 0
+    # not in the bmodel: from the token_config/ the compile step writes beside it
+    assert engine.image_token_id == hf_model.config.image_token_index
+    assert set(hf_model.generation_config.eos_token_id) <= set(engine.eos_token_ids)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -166,14 +169,18 @@ def test_penalty_sampling_same_seed_same_tokens(engine, processor):
     assert all(0 <= t < engine.vocab_size for t in runs[0])
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1e-4])
-def test_temperature_to_zero_is_greedy(engine, processor, temperature):
-    case = CASES[-1]
+@pytest.fixture(scope="module")
+def text_greedy(engine, processor) -> list[int]:
     engine.set_sampling("greedy")
-    greedy = engine_tokens(engine, processor, case, MAX_NEW_TOKENS, eos=[])
+    return engine_tokens(engine, processor, CASES[-1], MAX_NEW_TOKENS, eos=[])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-4])
+def test_temperature_to_zero_is_greedy(engine, processor, text_greedy, temperature):
+    """0 switches to the greedy head; a tiny temperature makes the sampling head's draw one-hot."""
     engine.set_sampling("penalty_sample", temperature=temperature, top_p=1.0, top_k=50, repeat_penalty=1.0,
                         repeat_last_n=16, seed=3)
-    assert engine_tokens(engine, processor, case, MAX_NEW_TOKENS, eos=[]) == greedy
+    assert engine_tokens(engine, processor, CASES[-1], MAX_NEW_TOKENS, eos=[]) == text_greedy
     engine.set_sampling("greedy")
 
 
