@@ -236,3 +236,21 @@ print("token", e.prefill(prefill_inputs(np.arange(5) + 10, e.seq_length, 0)))
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("token "), res.stdout[-3000:]
+
+
+def test_int4_bmodel_runs_with_bf16_device_tensors(tiny_bmodel, onnx_engine, processor):
+    """int4 keeps hidden states, KV cache and cross states in bf16 on the device: the engine reads
+    those dtypes from the bmodel, sizes its cache by them, and still starts the answer as f32 does."""
+    e = BmodelEngine(tiny_bmodel("int4"), [0])
+    try:
+        dtypes = {i["name"]: i["dtype"] for i in e.net_io("block_cache_0")["inputs"]}
+        assert dtypes["history_k"] == dtypes["input_states"] == "bf16"
+        case = CASES[1]
+        eos = list(onnx_engine.eos_token_ids)
+        onnx_engine.set_sampling("greedy")
+        e.set_sampling("greedy")
+        got = engine_tokens(e, processor, case, 3, eos)
+        ref = engine_tokens(onnx_engine, processor, case, 3, eos)
+        assert got[:2] == ref[:2], f"int4 {got} vs f32 onnx {ref}"
+    finally:
+        e.close()
