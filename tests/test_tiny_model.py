@@ -101,6 +101,7 @@ def test_processor_outputs_for_an_image(loaded):
     assert int(inputs["aspect_ratio_ids"][0, 0]) in range(1, 9)
 
 
+@pytest.mark.slow  # 200 generate calls: ~1 min on an idle 2-core machine, 4+ min when it is busy
 def test_greedy_generate_answers_heldout_pairs(tiny_model_dir: Path):
     """The issue's gate: >= 95 % of 200 held-out (image, question) pairs exactly right, every tile
     layout present, second turns included."""
