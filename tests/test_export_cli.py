@@ -103,3 +103,29 @@ def test_resume_keeps_finished_and_replaces_corrupted(tmp_path, model_dir):
     entry = after["pieces"]["block_1"]
     from mllama_tpu.export.onnx_io import sha256_file
     assert sha256_file(files["block_1"]) == entry["sha256"] == manifest["pieces"]["block_1"]["sha256"]
+
+
+def test_retrained_weights_of_the_same_size_are_exported_again(tmp_path, model_dir):
+    # A retrained checkpoint has the same tensor shapes, hence the same file size: the export
+    # must still notice (a stale export once hid a real mismatch behind a green parity run).
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    out = tmp_path / "onnx"
+    assert export_cli("-m", model, "-s", "16", "-f", out).returncode == 0
+    before = json.loads((out / "manifest.json").read_text())["pieces"]["lm_head"]["sha256"]
+
+    weights = next(model.glob("*.safetensors"))
+    size = weights.stat().st_size
+    tensors = load_file(weights)
+    tensors = {k: v * 1.5 for k, v in tensors.items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == size
+
+    res = export_cli("-m", model, "-s", "16", "-f", out)
+    assert res.returncode == 0, res.stderr
+    after = json.loads((out / "manifest.json").read_text())["pieces"]["lm_head"]["sha256"]
+    assert after != before

@@ -111,7 +111,9 @@ def _fingerprint(model_dir: Path, seq_length: int) -> dict[str, Any]:
     files = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
     return {"seq_length": seq_length, "export_code": code.hexdigest()[:16],
             "config_sha256": sha256_file(model_dir / "config.json"),
-            "weights": {p.name: p.stat().st_size for p in files if p.suffix == ".safetensors"}}
+            # Size alone missed retrained weights of the same shapes; size + mtime catches a
+            # replaced file without hashing tens of GB on every run.
+            "weights": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.suffix == ".safetensors"}}
 
 
 def _header(dims: ModelDims, seq_length: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
