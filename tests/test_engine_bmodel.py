@@ -7,9 +7,6 @@ decode itself, through the cross layers for image prompts.
 """
 from __future__ import annotations
 
-import dataclasses
-import random
-
 import numpy as np
 import pytest
 import torch
@@ -17,10 +14,9 @@ import torch
 from mllama_tpu.engines.bmodel import BmodelEngine
 from mllama_tpu.engines.onnx import OnnxEngine
 from mllama_tpu.generate import STOP_EOS, STOP_SEQLEN, generate
-from mllama_tpu.inputs import image_inputs_from, load_processor, pad_token_id, prefill_inputs, process, user_message
-from mllama_tpu.tiny import data
-from mllama_tpu.tiny.config import TILE_SIZE
+from mllama_tpu.inputs import image_inputs_from, load_processor, prefill_inputs, process
 from mllama_tpu.tiny.task import LAYOUTS
+from tests.parity_cases import Case, engine_generate, hf_generate, make_cases
 
 pytestmark = pytest.mark.slow
 
@@ -28,43 +24,7 @@ MAX_NEW_TOKENS = 4
 SEED = 5151
 
 
-@dataclasses.dataclass
-class Case:
-    name: str
-    messages: list[dict]
-    scene: data.Scene | None
-
-    @property
-    def image(self):
-        return data.render(self.scene) if self.scene is not None else None
-
-
-def exact_layout(scene: data.Scene) -> data.Scene:
-    """The scene scaled to exactly rows x cols tiles, so the processor picks that layout."""
-    rows, cols = scene.layout
-    k = cols * TILE_SIZE / scene.width
-    return dataclasses.replace(scene, width=cols * TILE_SIZE, height=rows * TILE_SIZE,
-                               centre=(scene.centre[0] * k, scene.centre[1] * k), size=scene.size * k)
-
-
-def make_cases() -> list[Case]:
-    rng = random.Random(SEED)
-    cases = []
-    for layout in LAYOUTS:  # all 8 tile layouts
-        s = data.make_sample(rng, layout, turns=1)
-        s = dataclasses.replace(s, scene=exact_layout(s.scene))
-        cases.append(Case(f"layout{layout[0]}x{layout[1]}", data.messages_for(s, with_last_answer=False), s.scene))
-    for i in range(2):  # free sizes: the processor chooses the layout and resizes
-        s = data.make_sample(rng, turns=1)
-        cases.append(Case(f"free{i}", data.messages_for(s, with_last_answer=False), s.scene))
-    for i in range(2):  # two-turn conversations: the first answer is history in the second prompt
-        s = data.make_sample(rng, turns=2)
-        cases.append(Case(f"two_turns{i}", data.messages_for(s, upto=2, with_last_answer=False), s.scene))
-    cases.append(Case("text_only", [user_message("What colour is the sky?", False)], None))
-    return cases
-
-
-CASES = make_cases()
+CASES = make_cases(SEED, two_turn=2, text_prompt="What colour is the sky?")
 
 
 @pytest.fixture(scope="module")
@@ -96,25 +56,8 @@ def hf_model(tiny_model_dir):
     return MllamaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
-def hf_generate(model, processor, case: Case, max_new_tokens: int) -> list[int]:
-    text = processor.apply_chat_template(case.messages, add_generation_prompt=True)
-    images = [case.image] if case.scene is not None else None
-    f = processor(images=images, text=text, add_special_tokens=False, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**f, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, f["input_ids"].shape[1]:].tolist()
-
-
-def prompt_for(engine, processor, case: Case):
-    f = process(processor, case.messages, case.image)
-    if case.scene is not None:
-        engine.encode_image(image_inputs_from(f))
-    return prefill_inputs(f["input_ids"][0], engine.seq_length, pad_token_id(processor),
-                          f.get("cross_attention_mask"), engine.num_patches, engine.max_tiles)
-
-
 def engine_tokens(engine, processor, case: Case, max_new_tokens: int, eos: list[int]) -> list[int]:
-    g = generate(engine, prompt_for(engine, processor, case), eos, max_new_tokens)
+    g = engine_generate(engine, processor, case, max_new_tokens, eos)
     return g.tokens + ([eos[0]] if g.stop_reason == STOP_EOS else [])
 
 
@@ -201,7 +144,7 @@ def test_seqlen_is_reached_and_reported(engine, onnx_engine):
 
 def test_image_prompt_needs_an_encoded_image(engine, processor):
     case = CASES[0]
-    prompt_for(engine, processor, case)
+    engine.encode_image(image_inputs_from(process(processor, case.messages, case.image)))
     engine.clear_image()
     f = process(processor, case.messages, case.image)
     p = prefill_inputs(f["input_ids"][0], engine.seq_length, 0, f["cross_attention_mask"], engine.num_patches,

@@ -1,0 +1,77 @@
+"""The prompts every engine is checked on against transformers, and the two ways to run them.
+
+Shared by the ONNX reference engine's and the bmodel engine's parity tests, so both engines are
+held to the same cases built the same way (each file picks its own seed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+
+from mllama_tpu.generate import Generation, generate
+from mllama_tpu.inputs import image_inputs_from, pad_token_id, prefill_inputs, process, user_message
+from mllama_tpu.tiny import data
+from mllama_tpu.tiny.config import TILE_SIZE
+from mllama_tpu.tiny.task import LAYOUTS
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    messages: list[dict]
+    scene: data.Scene | None
+    expected: str | None  # the toy task's answer to the last question
+
+    @property
+    def image(self):
+        return data.render(self.scene) if self.scene is not None else None
+
+
+def at_tile_size(scene: data.Scene) -> data.Scene:
+    """The same picture scaled to exactly rows x cols tiles, so the processor uses that layout."""
+    rows, cols = scene.layout
+    k = cols * TILE_SIZE / scene.width
+    return dataclasses.replace(scene, width=cols * TILE_SIZE, height=rows * TILE_SIZE,
+                               centre=(scene.centre[0] * k, scene.centre[1] * k), size=scene.size * k)
+
+
+def make_cases(seed: int, two_turn: int, text_prompt: str) -> list[Case]:
+    """Every tile layout exactly, two free sizes, `two_turn` two-turn conversations, one text-only."""
+    rng = random.Random(seed)
+    cases = []
+    for layout in LAYOUTS:
+        s = data.make_sample(rng, layout, turns=1)
+        s = dataclasses.replace(s, scene=at_tile_size(s.scene))
+        cases.append(Case(f"layout{layout[0]}x{layout[1]}", data.messages_for(s, with_last_answer=False),
+                          s.scene, s.turns[0].answer))
+    for i in range(2):  # free sizes: the processor chooses the layout and resizes
+        s = data.make_sample(rng, turns=1)
+        cases.append(Case(f"free{i}", data.messages_for(s, with_last_answer=False), s.scene, s.turns[0].answer))
+    for i in range(two_turn):  # the first answer is history in the second prompt
+        s = data.make_sample(rng, turns=2)
+        cases.append(Case(f"two_turns{i}", data.messages_for(s, upto=2, with_last_answer=False),
+                          s.scene, s.turns[1].answer))
+    cases.append(Case("text_only", [user_message(text_prompt, False)], None, None))
+    return cases
+
+
+def hf_generate(model, processor, case: Case, max_new_tokens: int) -> list[int]:
+    """transformers' greedy generate on the processor's output: the truth."""
+    text = processor.apply_chat_template(case.messages, add_generation_prompt=True)
+    images = [case.image] if case.scene is not None else None
+    f = processor(images=images, text=text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**f, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, f["input_ids"].shape[1]:].tolist()
+
+
+def engine_generate(engine, processor, case: Case, max_new_tokens: int, eos: list[int]) -> Generation:
+    """The same case through mllama_tpu.inputs + mllama_tpu.generate on any Engine."""
+    f = process(processor, case.messages, case.image)
+    if case.scene is not None:
+        engine.encode_image(image_inputs_from(f))
+    p = prefill_inputs(f["input_ids"][0], engine.seq_length, pad_token_id(processor),
+                       f.get("cross_attention_mask"), engine.num_patches, engine.max_tiles)
+    return generate(engine, p, eos, max_new_tokens)
