@@ -39,11 +39,13 @@ def chat_about_samples(bmodel: Path) -> int:
     engine = open_engine("bmodel", bmodel)
     session = ChatSession.create(engine, bmodel.parent / "token_config", max_new_tokens=32)
     right = total = 0
-    for name, facts in truth.items():
+    for i, (name, facts) in enumerate(truth.items()):
         session.set_image(SAMPLES / name)
         w, h = facts["width"], facts["height"]
         print(f"\n== {name}  ({w}x{h}, {facts['layout'][0]}x{facts['layout'][1]} tiles)")
-        for question, expected in facts["questions"].items():
+        # One question per image, rotating through the four: the simulator needs ~1 min an answer.
+        questions = list(facts["questions"].items())
+        for question, expected in [questions[i % len(questions)]]:
             turn = session.ask(question)
             ok = turn.answer.strip() == expected
             right, total = right + ok, total + 1
