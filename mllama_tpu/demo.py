@@ -2,7 +2,7 @@
 
 With no arguments: export assets/tiny-mllama, compile it to an int4 bmodel (both cached under
 build/demo/, so a second run starts chatting at once), then ask the C++ engine on the simulator
-(or a real BM1684X) the toy task's questions about every sample image in assets/samples/.
+(or a real BM1684X) one toy-task question about each sample image in assets/samples/ (rotating).
 With arguments it is pipeline.py: `./run_demo.sh -m NAME.bmodel -t token_config -i image.jpg`.
 """
 from __future__ import annotations
