@@ -57,6 +57,7 @@ class TrainConfig:
 class TrainResult:
     losses: list[float] = field(default_factory=list)  # language-model loss (answers only)
     aux_losses: list[float] = field(default_factory=list)
+    aux_parts: list[dict[str, float]] = field(default_factory=list)  # per step, by aux head
     best_val: float = -1.0
     best_step: int = 0
     val_history: list[dict] = field(default_factory=list)
@@ -136,7 +137,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         total = loss
         if cfg.aux_weight > 0:
             features = captured[0].reshape(len(targets), -1, *captured[0].shape[-2:])  # [B, T, P, H]
-            aux_loss, _ = heads.loss(features, targets, batch["aspect_ratio_mask"][:, 0])
+            aux_loss, parts = heads.loss(features, targets, batch["aspect_ratio_mask"][:, 0])
+            result.aux_parts.append(parts)
             total = loss + cfg.aux_weight * aux_loss
             result.aux_losses.append(float(aux_loss.detach()))
         total.backward()
@@ -148,8 +150,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         if step % cfg.log_every == 0 or step == cfg.steps:
             recent = result.losses[-cfg.log_every :]
             recent_aux = result.aux_losses[-cfg.log_every :] or [0.0]
+            recent_parts = result.aux_parts[-cfg.log_every :]
+            by_head = " ".join(
+                f"{k} {sum(p[k] for p in recent_parts) / len(recent_parts):.3f}" for k in (recent_parts or [{}])[0]
+            )
             print(
                 f"step {step} loss {sum(recent) / len(recent):.4f} aux {sum(recent_aux) / len(recent_aux):.4f} "
+                f"({by_head}) "
                 f"lr {scheduler.get_last_lr()[0]:.2e} "
                 f"{time.time() - start:.0f}s",
                 flush=True,
