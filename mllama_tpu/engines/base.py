@@ -81,7 +81,6 @@ class Engine(ABC):
     def decode(self, token: int) -> int:
         """Feed the previous token at the next position, return the token after it."""
 
-    @abstractmethod
     def set_sampling(
         self,
         mode: str = "greedy",
@@ -93,6 +92,14 @@ class Engine(ABC):
         seed: int | None = None,
     ) -> None:
         """Choose greedy or penalty sampling for the following tokens (seed resets the RNG)."""
+        params = SamplingParams(mode, temperature, top_p, top_k, repeat_penalty, repeat_last_n, seed)
+        params.validate()
+        self.sampling = params
+        self._apply_sampling(params)
+
+    @abstractmethod
+    def _apply_sampling(self, params: SamplingParams) -> None:
+        """Hand validated sampling settings to the engine's token choice."""
 
     def close(self) -> None:
         """Release what the engine holds (device memory, sessions); idempotent."""

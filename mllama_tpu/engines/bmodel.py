@@ -125,25 +125,14 @@ class BmodelEngine(Engine):
 
     # -- token heads -----------------------------------------------------------------------------
 
-    def set_sampling(
-        self,
-        mode: str = "greedy",
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 50,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 32,
-        seed: int | None = None,
-    ) -> None:
-        params = SamplingParams(mode, temperature, top_p, top_k, repeat_penalty, repeat_last_n, seed)
-        params.validate()
-        self.sampling = params
+    def _apply_sampling(self, params: SamplingParams) -> None:
         # The head returns K candidates; asking for more than K means "all of them", as in the
         # ONNX engine's draw.
         k = min(params.top_k, self.sample_k)
-        draw_seed = seed if seed is not None else random.SystemRandom().getrandbits(32)
-        self._e.set_sampling(params.effective_mode, float(temperature), float(top_p), k,
-                             float(repeat_penalty), int(repeat_last_n), int(draw_seed) & 0xFFFFFFFF)
+        draw_seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(32)
+        self._e.set_sampling(params.effective_mode, float(params.temperature), float(params.top_p), k,
+                             float(params.repeat_penalty), int(params.repeat_last_n),
+                             int(draw_seed) & 0xFFFFFFFF)
 
     # -- timings, memory, lifetime ---------------------------------------------------------------
 

@@ -202,20 +202,8 @@ class OnnxEngine(Engine):
 
     # -- token heads -----------------------------------------------------------------------------
 
-    def set_sampling(
-        self,
-        mode: str = "greedy",
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 50,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 32,
-        seed: int | None = None,
-    ) -> None:
-        params = SamplingParams(mode, temperature, top_p, top_k, repeat_penalty, repeat_last_n, seed)
-        params.validate()
-        self.sampling = params
-        self._rng = np.random.default_rng(seed)
+    def _apply_sampling(self, params: SamplingParams) -> None:
+        self._rng = np.random.default_rng(params.seed)
 
     def _next_token(self, hidden: np.ndarray) -> int:
         (logits,) = self.run("lm_head", hidden_states=hidden)
