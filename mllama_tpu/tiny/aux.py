@@ -71,10 +71,11 @@ class AuxHeads(torch.nn.Module):
         self.patch = torch.nn.Linear(hidden, 1)
         self.shape = torch.nn.Linear(hidden, len(SHAPES))
         self.side = torch.nn.Linear(hidden, len(SIDES))
-        self.patch_shape = torch.nn.Linear(hidden, len(SHAPES))
+        self.outline_shape = torch.nn.Linear(hidden, len(SHAPES))
 
     def loss(
-        self, features: torch.Tensor, aux: list[AuxTargets], tile_mask: torch.Tensor
+        self, features: torch.Tensor, aux: list[AuxTargets], tile_mask: torch.Tensor,
+        outline_shape_weight: float = 1.0,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """features [B, T, P, H] (projected vision states); tile_mask [B, T] (1 = real tile)."""
         patches = features[:, :, 1:]  # drop CLS
@@ -90,11 +91,11 @@ class AuxHeads(torch.nn.Module):
         # (square), slanted ones (triangle), curved ones (circle); 4c(1-c) peaks at half cover.
         covered = 4 * cover * (1 - cover) * weight  # [B, T, P-1]
         per_patch = F.cross_entropy(
-            self.patch_shape(patches).flatten(0, 2),
+            self.outline_shape(patches).flatten(0, 2),
             labels[:, None, None].expand_as(cover).flatten(),
             reduction="none",
         )
-        patch_shape_loss = (per_patch * covered.flatten()).sum() / covered.sum().clamp_min(1e-6)
-        total = patch_loss + shape_loss + side_loss + patch_shape_loss
-        parts = {"patch": patch_loss, "shape": shape_loss, "side": side_loss, "patch_shape": patch_shape_loss}
+        outline_shape_loss = (per_patch * covered.flatten()).sum() / covered.sum().clamp_min(1e-6)
+        total = patch_loss + shape_loss + side_loss + outline_shape_weight * outline_shape_loss
+        parts = {"patch": patch_loss, "shape": shape_loss, "side": side_loss, "outline_shape": outline_shape_loss}
         return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -49,6 +49,7 @@ class TrainConfig:
     init_from: Path | None = None  # continue from a saved model directory
     log_every: int = 25
     aux_weight: float = 1.0  # auxiliary vision supervision (see aux.py); 0 disables it
+    outline_shape_weight: float = 1.0  # of aux's per-patch shape loss on the outline; 0: pooled only
     vector_lr_scale: float = 5.0  # lr multiplier of 1-D parameters (norms, gates, biases)
     position_init: int = 1  # 1: start the tile-position embedding from build.global_position_table
 
@@ -137,7 +138,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         total = loss
         if cfg.aux_weight > 0:
             features = captured[0].reshape(len(targets), -1, *captured[0].shape[-2:])  # [B, T, P, H]
-            aux_loss, parts = heads.loss(features, targets, batch["aspect_ratio_mask"][:, 0])
+            aux_loss, parts = heads.loss(features, targets, batch["aspect_ratio_mask"][:, 0],
+                                         outline_shape_weight=cfg.outline_shape_weight)
             result.aux_parts.append(parts)
             total = loss + cfg.aux_weight * aux_loss
             result.aux_losses.append(float(aux_loss.detach()))
@@ -186,7 +188,7 @@ def main() -> int:
     defaults = TrainConfig(out=Path("."))
     for name in ("seed", "steps", "batch_size", "warmup", "eval_every", "val_count", "threads", "log_every", "position_init"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    for name in ("lr", "min_lr_ratio", "weight_decay", "aux_weight", "vector_lr_scale"):
+    for name in ("lr", "min_lr_ratio", "weight_decay", "aux_weight", "vector_lr_scale", "outline_shape_weight"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--init-from", type=Path, default=None)
     args = parser.parse_args()
