@@ -68,8 +68,6 @@ def test_greedy_matches_transformers(engine, processor, hf_model, case):
     assert tokens == want, f"{case.name}: engine {tokens} != transformers {want}"
 
 
-# Same cause as the tiny model's gate (tests/test_tiny_model.py): shape answers are at 57 %.
-@pytest.mark.xfail(strict=True, reason="tiny model misses shape questions (88.5 % < 95 %): issue 2 open")
 def test_toy_task_answers_are_correct(engine, processor, hf_model):
     """With the trained tiny model the answers depend on the image and are right.
 

@@ -102,10 +102,6 @@ def test_processor_outputs_for_an_image(loaded):
 
 
 @pytest.mark.slow  # 200 generate calls: ~1 min on an idle 2-core machine, 4+ min when it is busy
-# The committed weights answer 177/200 (88.5 %): every miss is a "What shape is it?" (57 % right).
-# Issue 2 stays open until a longer training run passes; strict, so a passing model fails here
-# until this marker is removed.
-@pytest.mark.xfail(strict=True, reason="tiny model at 88.5 % < 95 % (shape questions): issue 2 open")
 def test_greedy_generate_answers_heldout_pairs(tiny_model_dir: Path):
     """The issue's gate: >= 95 % of 200 held-out (image, question) pairs exactly right, every tile
     layout present, second turns included."""

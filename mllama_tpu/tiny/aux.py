@@ -75,7 +75,7 @@ class AuxHeads(torch.nn.Module):
 
     def loss(
         self, features: torch.Tensor, aux: list[AuxTargets], tile_mask: torch.Tensor,
-        outline_shape_weight: float = 1.0,
+        outline_shape_weight: float = 1.0, shape_patches: str = "outline",
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """features [B, T, P, H] (projected vision states); tile_mask [B, T] (1 = real tile)."""
         patches = features[:, :, 1:]  # drop CLS
@@ -87,9 +87,12 @@ class AuxHeads(torch.nn.Module):
         shape_loss = F.cross_entropy(self.shape(pooled), torch.tensor([a.shape for a in aux]))
         side_loss = F.cross_entropy(self.side(pooled), torch.tensor([a.side for a in aux]))
         labels = torch.tensor([a.shape for a in aux])
-        # Edge patches (partly covered) carry the local evidence: straight axis-aligned edges
-        # (square), slanted ones (triangle), curved ones (circle); 4c(1-c) peaks at half cover.
-        covered = 4 * cover * (1 - cover) * weight  # [B, T, P-1]
+        if shape_patches == "outline":
+            # Edge patches (partly covered) carry the local evidence: straight axis-aligned edges
+            # (square), slanted ones (triangle), curved ones (circle); 4c(1-c) peaks at half cover.
+            covered = 4 * cover * (1 - cover) * weight  # [B, T, P-1]
+        else:  # "covered": every patch the shape covers (> 10 %), by its cover
+            covered = cover * weight * (cover > 0.1)
         per_patch = F.cross_entropy(
             self.outline_shape(patches).flatten(0, 2),
             labels[:, None, None].expand_as(cover).flatten(),

@@ -50,6 +50,7 @@ class TrainConfig:
     log_every: int = 25
     aux_weight: float = 1.0  # auxiliary vision supervision (see aux.py); 0 disables it
     outline_shape_weight: float = 1.0  # of aux's per-patch shape loss on the outline; 0: pooled only
+    shape_patches: str = "outline"  # which patches that loss asks: "outline" or "covered" (aux.py)
     vector_lr_scale: float = 5.0  # lr multiplier of 1-D parameters (norms, gates, biases)
     position_init: int = 1  # 1: start the tile-position embedding from build.global_position_table
 
@@ -139,7 +140,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.aux_weight > 0:
             features = captured[0].reshape(len(targets), -1, *captured[0].shape[-2:])  # [B, T, P, H]
             aux_loss, parts = heads.loss(features, targets, batch["aspect_ratio_mask"][:, 0],
-                                         outline_shape_weight=cfg.outline_shape_weight)
+                                         outline_shape_weight=cfg.outline_shape_weight,
+                                         shape_patches=cfg.shape_patches)
             result.aux_parts.append(parts)
             total = loss + cfg.aux_weight * aux_loss
             result.aux_losses.append(float(aux_loss.detach()))
@@ -191,6 +193,7 @@ def main() -> int:
     for name in ("lr", "min_lr_ratio", "weight_decay", "aux_weight", "vector_lr_scale", "outline_shape_weight"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--init-from", type=Path, default=None)
+    parser.add_argument("--shape-patches", choices=("outline", "covered"), default=defaults.shape_patches)
     args = parser.parse_args()
     if args.steps < 1 or args.batch_size < 1:
         raise UserError("--steps and --batch-size must be at least 1")
