@@ -77,7 +77,7 @@ def _attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     With one query token the rep query heads that share a KV head become rep rows of that KV
     head's attention: q [1,1,NH,D] is already [1,KV,rep,D] by a reshape, no copy. Repeating K/V
     instead made the chip store and re-read rep copies of the whole cache every token (11B:
-    8.4 MB instead of 2.1 MB per self-attention layer; bench/chip_speed/gqa_experiment.py).
+    8.4 MB instead of 2.1 MB per self-attention layer; bench/README.md has the profiles).
     Prefill keeps the repeated form, which TPU-MLIR fuses better for many query rows.
     """
     _, _, nh, d = q.shape
