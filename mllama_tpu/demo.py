@@ -8,6 +8,7 @@ With arguments it is pipeline.py: `./run_demo.sh -m NAME.bmodel -t token_config 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def chat_about_samples(bmodel: Path) -> int:
     from mllama_tpu.engines import open_engine
 
     truth = json.loads((SAMPLES / "truth.json").read_text())
+    # The simulator's firmware prints debug lines on every dynamic net (the token head); they
+    # would bury the answers, so they go to a file (read by the C++ engine when it first runs).
+    log = WORK / "simulator.log"
+    os.environ.setdefault("MLLAMA_SIMULATOR_LOG", str(log))
+    print(f"== chat (simulator messages, if any: {log.relative_to(REPO_ROOT)})", flush=True)
     engine = open_engine("bmodel", bmodel)
     session = ChatSession.create(engine, bmodel.parent / "token_config", max_new_tokens=32)
     right = total = 0

@@ -37,6 +37,7 @@
 #include <utility>
 #include <vector>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "bmrt_api.h"
@@ -173,13 +174,24 @@ static std::vector<double> decode_raw(const uint8_t* src, size_t n, bm_data_type
 // The simulator's firmware printf()s debug lines ("[0] do_allreduce", shapes of CPU layers) to
 // stdout, where they would interleave with a streamed answer or break JSON output. On cmodel
 // builds, stdout is pointed at stderr while a net runs: nothing is lost, stdout stays clean.
-// MLLAMA_CMODEL_STDOUT=1 keeps them on stdout.
+// MLLAMA_CMODEL_STDOUT=1 keeps them on stdout; MLLAMA_SIMULATOR_LOG=FILE sends them to FILE
+// (appended) instead of stderr, so an interactive chat on the simulator stays readable.
 static bool keep_simulator_stdout() {
   static const bool keep = [] {
     const char* v = std::getenv("MLLAMA_CMODEL_STDOUT");
     return v && *v && std::string(v) != "0";
   }();
   return keep;
+}
+
+static int simulator_sink_fd() {
+  static const int fd = [] {
+    const char* path = std::getenv("MLLAMA_SIMULATOR_LOG");
+    if (!path || !*path) return 2;
+    int f = ::open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    return f >= 0 ? f : 2;  // an unwritable log must not cost the messages
+  }();
+  return fd;
 }
 
 class QuietStdout {
@@ -189,7 +201,7 @@ class QuietStdout {
     if (keep_simulator_stdout()) return;
     std::fflush(stdout);
     saved_ = ::dup(1);
-    if (saved_ >= 0) ::dup2(2, 1);
+    if (saved_ >= 0) ::dup2(simulator_sink_fd(), 1);
 #endif
   }
   ~QuietStdout() {
@@ -1032,7 +1044,8 @@ PYBIND11_MODULE(chat, m) {
 #ifdef MLLAMA_CMODEL
   // The simulator says goodbye on stdout from its exit-time destructors, after Python is done.
   // A Python atexit handler (they run before those) flushes Python's stdout and then points
-  // fd 1 at stderr, so the goodbye never lands in a streamed answer or JSON output.
+  // fd 1 at stderr (or MLLAMA_SIMULATOR_LOG), so the goodbye never lands in a streamed answer
+  // or JSON output.
   py::module_::import("atexit").attr("register")(py::cpp_function([] {
     if (keep_simulator_stdout()) return;
     try {
@@ -1040,7 +1053,7 @@ PYBIND11_MODULE(chat, m) {
     } catch (const py::error_already_set&) {
     }
     std::fflush(stdout);
-    ::dup2(2, 1);
+    ::dup2(simulator_sink_fd(), 1);
   }));
 #endif
 

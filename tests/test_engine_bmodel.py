@@ -7,6 +7,8 @@ decode itself, through the cross layers for image prompts.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -161,7 +163,7 @@ def test_wrong_input_size_is_a_value_error(engine):
                           np.zeros(engine.seq_length ** 2, np.float32), engine.seq_length + 1)
 
 
-def test_simulator_debug_output_stays_off_stdout(bmodel_path):
+def test_simulator_debug_output_stays_off_stdout(bmodel_path, tmp_path):
     """The simulator's firmware prints debug lines; a streamed answer (or JSON) on stdout must not see them."""
     import subprocess
     import sys
@@ -169,6 +171,8 @@ def test_simulator_debug_output_stays_off_stdout(bmodel_path):
     from mllama_tpu import REPO_ROOT
 
     code = f"""
+import os
+
 import numpy as np
 from mllama_tpu.engines.bmodel import BmodelEngine
 from mllama_tpu.inputs import prefill_inputs
@@ -179,6 +183,17 @@ print("token", e.prefill(prefill_inputs(np.arange(5) + 10, e.seq_length, 0)))
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("token "), res.stdout[-3000:]
+    assert "cmodel" in res.stderr  # the messages are on stderr, not lost
+
+    # MLLAMA_SIMULATOR_LOG sends them to a file instead: stderr stays clean as well.
+    log = tmp_path / "simulator.log"
+    env = {**os.environ, "MLLAMA_SIMULATOR_LOG": str(log)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [ln for ln in res.stdout.splitlines() if ln.strip()] == lines
+    assert "cmodel" not in res.stderr, res.stderr[-3000:]
+    assert "cmodel" in log.read_text()
 
 
 def test_int4_bmodel_runs_with_bf16_device_tensors(tiny_bmodel, onnx_engine, processor):
