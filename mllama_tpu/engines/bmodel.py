@@ -11,6 +11,7 @@ import importlib.util
 import json
 import random
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
@@ -31,6 +32,10 @@ def load_chat_module(build_dir: Path = BUILD_DIR) -> ModuleType:
     found = sorted(build_dir.glob("chat*.so"))
     if not found:
         raise ImportError(f"no chat module in {build_dir}: build it with scripts/build_engine.sh")
+    # The simulator's libraries switch the CPU to flush-denormals-to-zero; numpy then warns on
+    # its next finfo() that "the smallest subnormal is zero". Nothing here depends on subnormals,
+    # and on a terminal the four-line warning reads like an error.
+    warnings.filterwarnings("ignore", message="The value of the smallest subnormal", category=UserWarning)
     spec = importlib.util.spec_from_file_location("chat", found[0])
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
