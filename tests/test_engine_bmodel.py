@@ -171,8 +171,6 @@ def test_simulator_debug_output_stays_off_stdout(bmodel_path, tmp_path):
     from mllama_tpu import REPO_ROOT
 
     code = f"""
-import os
-
 import numpy as np
 from mllama_tpu.engines.bmodel import BmodelEngine
 from mllama_tpu.inputs import prefill_inputs

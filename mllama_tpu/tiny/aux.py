@@ -84,9 +84,9 @@ class AuxHeads(torch.nn.Module):
         logits = self.patch(patches).squeeze(-1)
         patch_loss = F.binary_cross_entropy_with_logits(logits, cover, weight=weight, reduction="sum") / weight.sum()
         pooled = (patches * cover[..., None]).sum(dim=(1, 2)) / cover.sum(dim=(1, 2))[:, None].clamp_min(1e-6)
-        shape_loss = F.cross_entropy(self.shape(pooled), torch.tensor([a.shape for a in aux]))
-        side_loss = F.cross_entropy(self.side(pooled), torch.tensor([a.side for a in aux]))
         labels = torch.tensor([a.shape for a in aux])
+        shape_loss = F.cross_entropy(self.shape(pooled), labels)
+        side_loss = F.cross_entropy(self.side(pooled), torch.tensor([a.side for a in aux]))
         if shape_patches == "outline":
             # Edge patches (partly covered) carry the local evidence: straight axis-aligned edges
             # (square), slanted ones (triangle), curved ones (circle); 4c(1-c) peaks at half cover.
