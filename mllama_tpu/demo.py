@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from mllama_tpu import REPO_ROOT
+from mllama_tpu.cmodel_yield import exec_with_preload
 from mllama_tpu.errors import cli_main
 
 TINY_MODEL = REPO_ROOT / "assets" / "tiny-mllama"
@@ -71,4 +72,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    exec_with_preload(["-m", "mllama_tpu.demo", *sys.argv[1:]])
     cli_main(lambda: main(sys.argv[1:]))

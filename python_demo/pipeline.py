@@ -15,6 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
+if __name__ == "__main__":
+    # Before the heavy imports: on the simulator this process restarts once with its yield preload.
+    from mllama_tpu.cmodel_yield import exec_with_preload
+
+    exec_with_preload([str(Path(__file__).resolve()), *sys.argv[1:]])
+
 from mllama_tpu import REPO_ROOT  # noqa: E402
 from mllama_tpu.chat import ChatSession, load_image, open_processor, run_interactive, run_scripted  # noqa: E402
 from mllama_tpu.engines import BACKENDS, GENERATION_MODES, SamplingParams, open_engine  # noqa: E402
