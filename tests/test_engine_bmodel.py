@@ -1,9 +1,9 @@
 """The bmodel engine (C++ `chat` on the BM1684X simulator) generates what transformers and the ONNX
 reference engine generate, token for token, from the f32 bmodel of the tiny model.
 
-The simulator is slow (seconds per net launch), so each case compares the first MAX_NEW_TOKENS
-tokens: the prefill's token and decode steps that read the KV cache written by prefill and by
-decode itself, through the cross layers for image prompts.
+Each case compares the whole answer, up to EOS or MAX_NEW_TOKENS (the toy task's answers are
+6-7 tokens with EOS): the prefill's token and decode steps that read the KV cache written by
+prefill and by decode itself, through the cross layers for image prompts.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tests.parity_cases import Case, engine_generate, hf_generate, make_cases
 
 pytestmark = pytest.mark.slow
 
-MAX_NEW_TOKENS = 4
+MAX_NEW_TOKENS = 12
 SEED = 5151
 
 

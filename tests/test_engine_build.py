@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,10 @@ def non_contract_bmodel(tmp_path_factory) -> Path:
         def forward(self, x):
             return x * 2.0
 
-    torch.onnx.export(Twice(), (torch.zeros(1, 8),), str(work / "embedding.onnx"), input_names=["x"],
-                      output_names=["y"], dynamo=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is what we use
+        torch.onnx.export(Twice(), (torch.zeros(1, 8),), str(work / "embedding.onnx"), input_names=["x"],
+                          output_names=["y"], dynamo=False)
     bindir = Path(sys.executable).parent
     env = {**clean_env(), "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
     for cmd in (
