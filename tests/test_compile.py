@@ -1,7 +1,7 @@
 """The compiled tiny model, net by net on the BM1684X simulator, against onnxruntime on the ONNX pieces.
 
 f32: every output within 1e-3 of the output's scale, token outputs identical.
-int4 and bf16: block/vit/embedding outputs with cosine >= 0.99, and the lm_head -> greedy_head path on the
+int4, int8, bf16 and f16: block/vit/embedding outputs with cosine >= 0.99, and the lm_head -> greedy_head path on the
 device picks the same token as the ONNX lm_head for real last hidden states of toy prompts.
 Both: model_tool --info lists every net of the manifest with the manifest's shapes, and the
 report says what was built (quantize per net, I/O dtypes the engine must use, cycle estimates).
@@ -68,24 +68,27 @@ def test_f32_bmodel_matches_onnx(tiny_onnx_dir: Path, tiny_bmodel) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,block_quant", [("int4", "W4BF16"), ("bf16", "BF16")])
-def test_quantized_bmodel_close_to_onnx(tiny_onnx_dir: Path, tiny_bmodel, mode: str, block_quant: str) -> None:
+@pytest.mark.parametrize("mode,block_quant,other_quant", [
+    ("int4", "W4BF16", "BF16"), ("int8", "W8BF16", "BF16"), ("bf16", "BF16", "BF16"), ("f16", "F16", "F16")])
+def test_quantized_bmodel_close_to_onnx(tiny_onnx_dir: Path, tiny_bmodel, mode: str, block_quant: str,
+                                        other_quant: str) -> None:
     bmodel = tiny_bmodel(mode)
     assert_contract(bmodel, tiny_onnx_dir)
     rep = report(bmodel)
     nets = rep["nets"]
-    assert rep["activation_dtype"] == "bfloat16"
+    device = "float16" if mode == "f16" else "bfloat16"
+    assert rep["activation_dtype"] == device
     assert nets["block_0"]["quantize"] == block_quant
-    assert nets["block_0"]["q_group_size"] == (64 if mode == "int4" else None)
-    assert nets["vit"]["quantize"] == "BF16" and nets["greedy_head"]["quantize"] == "F32"
-    # Device-only tensors are bf16, host-facing ones keep f32/i32 (what the engine relies on).
+    assert nets["block_0"]["q_group_size"] == (64 if block_quant.startswith("W") else None)  # per-group W4/W8
+    assert nets["vit"]["quantize"] == other_quant and nets["greedy_head"]["quantize"] == "F32"
+    # Device-only tensors are bf16 (f16), host-facing ones keep f32/i32 (what the engine relies on).
     dtypes = {(n, t["name"]): t["dtype"] for n, e in nets.items() for t in e["inputs"]}
-    assert dtypes[("block_cache_0", "history_k")] == "bfloat16"
+    assert dtypes[("block_cache_0", "history_k")] == device
     assert dtypes[("block_cache_0", "attention_mask")] == "float32"
     assert dtypes[("block_0", "position_ids")] == "int32"
-    assert dtypes[("lm_head", "hidden_states")] == "bfloat16"
+    assert dtypes[("lm_head", "hidden_states")] == device
     assert dtypes[("vit", "pixel_values")] == "float32"
-    assert [t["dtype"] for t in nets["block_0"]["outputs"]] == ["bfloat16"] * 3
+    assert [t["dtype"] for t in nets["block_0"]["outputs"]] == [device] * 3
     assert nets["lm_head"]["outputs"][0]["dtype"] == "float32"
 
     assert rep["device_dtype_mismatches"] == []

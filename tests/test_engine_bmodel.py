@@ -210,3 +210,20 @@ def test_int4_bmodel_runs_with_bf16_device_tensors(tiny_bmodel, onnx_engine, pro
         assert got[:2] == ref[:2], f"int4 {got} vs f32 onnx {ref}"
     finally:
         e.close()
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16", "f16"])
+def test_other_modes_answer_like_the_f32_reference(tiny_bmodel, onnx_engine, processor, hf_model, mode):
+    """int4 has its own 100-pair gate (test_int4_accuracy.py); the other quantized modes must give
+    the f32 reference's tokens on the parity cases, all but at most one."""
+    eos = list(hf_model.generation_config.eos_token_id)
+    onnx_engine.set_sampling("greedy")
+    quantized = BmodelEngine(tiny_bmodel(mode), [0])
+    try:
+        quantized.set_sampling("greedy")
+        differ = [c.name for c in CASES
+                  if engine_tokens(quantized, processor, c, MAX_NEW_TOKENS, eos)
+                  != engine_tokens(onnx_engine, processor, c, MAX_NEW_TOKENS, eos)]
+    finally:
+        quantized.close()
+    assert len(differ) <= 1, f"{mode}: tokens differ from the f32 reference on {differ}"
