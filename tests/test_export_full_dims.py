@@ -58,12 +58,12 @@ def contract(h: int, kinds: list[str], vocab: int, seq: int = SEQ) -> dict[str, 
             nets[f"block_{n}"] = (
                 [("input_states", [1, seq, h], f), ("cross_attention_states", [T, P, h], f),
                  ("text_row_mask", [1, seq, 1], f), ("attention_mask", [1, 1, seq, T * P], f)],
-                [("hidden_states", [1, seq, h], f), ("cross_k", [1, T * P, KV, D], f),
-                 ("cross_v", [1, T * P, KV, D], f)])
+                [("hidden_states", [1, seq, h], f), ("cross_k", [1, KV, T * P, D], f),
+                 ("cross_v", [1, KV, T * P, D], f)])
             nets[f"block_cache_{n}"] = (
                 [("input_states", [1, 1, h], f), ("text_row_mask", [1, 1, 1], f),
-                 ("attention_mask", [1, 1, 1, T * P], f), ("cross_k", [1, T * P, KV, D], f),
-                 ("cross_v", [1, T * P, KV, D], f)],
+                 ("attention_mask", [1, 1, 1, T * P], f), ("cross_k", [1, KV, T * P, D], f),
+                 ("cross_v", [1, KV, T * P, D], f)],
                 [("hidden_states", [1, 1, h], f)])
     return nets
 

@@ -175,8 +175,8 @@ def test_cross_block_prefill_and_decode(tiny):
                          text_row_mask=our_row, attention_mask=our_mask)
     assert our_row[0, :4, 0].sum() == 0 and our_row[0, 10:12, 0].sum() == 0
     close(hidden, ref)
-    close(ck, to_kv_layout(cache.layers[i].keys))
-    close(cv, to_kv_layout(cache.layers[i].values))
+    close(ck, cache.layers[i].keys)  # cross K/V are head-major, as transformers keeps them
+    close(cv, cache.layers[i].values)
 
     # transformers reads cross K/V from the cache only once the cache "has tokens" (layer 0's length).
     if i != 0:

@@ -92,8 +92,8 @@ def build_piece(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int
     module = CrossAttentionBlock(w, dims, cache)
     if cache:
         inputs = {"input_states": zeros(1, 1, h), "text_row_mask": torch.ones(1, 1, 1),
-                  "attention_mask": zeros(1, 1, 1, t * p), "cross_k": zeros(1, t * p, kv, d),
-                  "cross_v": zeros(1, t * p, kv, d)}
+                  "attention_mask": zeros(1, 1, 1, t * p), "cross_k": zeros(1, kv, t * p, d),
+                  "cross_v": zeros(1, kv, t * p, d)}  # head-major: see CrossAttentionBlock
         return Piece(name, module, inputs, ["hidden_states"])
     inputs = {"input_states": zeros(1, seq, h), "cross_attention_states": zeros(t, p, h),
               "text_row_mask": torch.ones(1, seq, 1), "attention_mask": zeros(1, 1, seq, t * p)}
