@@ -24,7 +24,8 @@ OPT_OUT = "MLLAMA_CMODEL_YIELD"
 
 def preload_env(environ: Mapping[str, str] = os.environ) -> dict[str, str] | None:
     """`environ` plus the preload, or None when there is nothing to add."""
-    if environ.get(OPT_OUT) == "0" or not PRELOAD.is_file():
+    # LD_PRELOAD splits on spaces and colons: a checkout path holding one cannot be preloaded.
+    if environ.get(OPT_OUT) == "0" or not PRELOAD.is_file() or any(c in str(PRELOAD) for c in " :"):
         return None
     current = environ.get("LD_PRELOAD", "")
     if str(PRELOAD) in current.replace(":", " ").split():
