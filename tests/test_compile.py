@@ -160,3 +160,25 @@ def test_failed_job_reports_name_log_and_tail(tmp_path: Path) -> None:
     assert "the reason it broke" in str(err) and "exited with 3" in str(err)
     assert not (tmp_path / "logs" / "later.log").exists()  # nothing new starts after a failure
 
+
+
+def test_tables_too_big_for_onnxsim_skip_it(tmp_path: Path) -> None:
+    """The 11B embedding/lm_head keep their 2 GB of weights in an external data file; onnxsim on
+    them needs more than 24 GB, so the compile's model_transform step must turn it off."""
+    from mllama_tpu.compile import cache, driver, policy
+    from mllama_tpu.compile.pieces import DataFile, Piece, TensorSpec
+    from mllama_tpu.compile.tpu_mlir import find_toolchain
+
+    def transform_cmd(size: int, external: DataFile | None) -> list[str]:
+        piece = Piece("lm_head", tmp_path / "lm_head.onnx", "0" * 64, size,
+                      [TensorSpec("hidden_states", [1, 4096], "float32")], [TensorSpec("logits", [1, 128256], "float32")],
+                      external)
+        pol = policy.piece_policy("lm_head", "int4", 64, ["hidden_states"], ["logits"])
+        key = cache.StampKey(piece.digest, "int4", 64, "bm1684x", pol.to_dict(), "v")
+        plan = driver._Plan(piece, pol, key, tmp_path / "lm_head.bmodel", tmp_path / "work", tmp_path / "log")
+        return driver._job(plan, find_toolchain(None), "bm1684x", {}, None).steps[0].cmd
+
+    table = DataFile(tmp_path / "lm_head.onnx.data", "1" * 64, 2_101_362_688)
+    big = transform_cmd(1353, table)
+    assert big[big.index("--do_onnx_sim") + 1] == ""
+    assert "--do_onnx_sim" not in transform_cmd(870_000_000, None)  # a decoder block is simplified

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mllama_tpu.compile.policy import piece_policy
+from mllama_tpu.compile.policy import piece_policy, transform_args
 
 _BIN = Path(sys.executable).parent
 
@@ -33,15 +33,8 @@ def _shape_arg(specs: list[dict]) -> str:
     return "[" + ",".join("[" + ",".join(str(d) for d in s["shape"]) + "]" for s in specs) + "]"
 
 
-# onnxsim holds ~8 copies of the weights: on the 2 GB tables (embedding, lm_head at 11B dims,
-# f32 in ONNX) model_transform.py reached 19 GB and was OOM-killed. Those graphs are a Gather or
-# a norm + MatMul, nothing to simplify, so they skip it. (model_transform's --do_onnx_sim is
-# parsed with type=bool: only an empty string turns it off.)
-HUGE_PIECE = 1_500_000_000
-
-
-def _no_sim_if_huge(entry: dict) -> list[str]:
-    return ["--do_onnx_sim", ""] if int(entry["size"]) > HUGE_PIECE else []
+def _file_bytes(entry: dict) -> int:
+    return int(entry["size"]) + int(entry.get("external_data", {}).get("size", 0))
 
 
 def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, group: int,
@@ -62,7 +55,7 @@ def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, 
     model_def = (onnx_dir / entry["file"]).resolve()
     _run([str(_BIN / "model_transform.py"), "--model_name", net, "--model_def", str(model_def),
           "--input_shapes", _shape_arg(ins), "--input_types", ",".join(i["dtype"] for i in ins),
-          "--mlir", f"{net}.mlir", *_no_sim_if_huge(entry)], d, log)
+          "--mlir", f"{net}.mlir", *transform_args(_file_bytes(entry))], d, log)
     pol = piece_policy(net, mode, group, [i["name"] for i in ins], [o["name"] for o in outs])
     _run([str(_BIN / "model_deploy.py"), "--mlir", f"{net}.mlir", "--chip", chip,
           "--model", bmodel.name, *pol.deploy_args()], d, log)

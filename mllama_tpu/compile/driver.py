@@ -52,7 +52,7 @@ def _job(plan: _Plan, tc: Toolchain, chip: str, env: dict[str, str], transform_v
     mlir = f"{p.net}.mlir"
     transform = tc.cmd("model_transform.py", "--model_name", p.net, "--model_def", str(p.onnx.resolve()),
                        "--input_shapes", _shapes_arg(p), "--input_types", ",".join(t.dtype for t in p.inputs),
-                       "--mlir", mlir)
+                       "--mlir", mlir, *policy.transform_args(p.total_size))
     deploy = tc.cmd("model_deploy.py", "--mlir", mlir, "--chip", chip, *plan.policy.deploy_args(),
                     "--model", f"{p.net}.bmodel")
 

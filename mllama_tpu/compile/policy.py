@@ -56,6 +56,18 @@ class PiecePolicy:
                 "quant_inputs": list(self.quant_inputs), "quant_outputs": list(self.quant_outputs)}
 
 
+# onnxsim holds ~8 copies of a graph's weights: on the 2 GB tables of an 11B model (embedding,
+# lm_head: f32 in ONNX, weights in an external data file) model_transform.py went past 24 GB and
+# was OOM-killed. Those graphs are a Gather, or a norm + MatMul: nothing to simplify.
+SKIP_ONNX_SIM_ABOVE = 1_500_000_000
+
+
+def transform_args(file_bytes: int) -> list[str]:
+    """Extra model_transform.py flags for a piece whose .onnx + external data are `file_bytes`."""
+    # --do_onnx_sim is parsed with type=bool: only an empty string turns it off.
+    return ["--do_onnx_sim", ""] if file_bytes > SKIP_ONNX_SIM_ABOVE else []
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}")
