@@ -37,14 +37,17 @@ def tiny_onnx_dir(tiny_model_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bmodel(tiny_onnx_dir: Path):
-    """Factory: tiny_bmodel("f32") -> path of the tiny model compiled in that mode (once per run)."""
+    """Factory: tiny_bmodel("f32") -> path of the tiny model compiled in that mode (once per run);
+    tiny_bmodel("int4", lm_head_w8=True) with compile's --lm_head_w8."""
     from mllama_tpu.compile import compile_model
 
-    made: dict[str, Path] = {}
+    made: dict[tuple[str, bool], Path] = {}
 
-    def get(mode: str) -> Path:
-        if mode not in made:
-            made[mode] = compile_model(tiny_onnx_dir, mode, "tiny", TEST_SEQ_LENGTH, CACHE / f"bmodel-{mode}")
-        return made[mode]
+    def get(mode: str, lm_head_w8: bool = False) -> Path:
+        if (mode, lm_head_w8) not in made:
+            out = CACHE / (f"bmodel-{mode}-w8lm" if lm_head_w8 else f"bmodel-{mode}")
+            made[mode, lm_head_w8] = compile_model(tiny_onnx_dir, mode, "tiny", TEST_SEQ_LENGTH, out,
+                                                   lm_head_w8=lm_head_w8)
+        return made[mode, lm_head_w8]
 
     return get

@@ -59,6 +59,10 @@ def test_unknown_mode(tmp_path: Path) -> None:
     one_error_line(run(compile_args(tmp_path, tmp_path / "out", "int3")), "unknown mode", "int4")
 
 
+def test_w8_lm_head_only_with_int4_or_int8(tmp_path: Path) -> None:
+    one_error_line(run(compile_args(tmp_path, tmp_path / "out", "bf16", "--lm_head_w8")), "--lm_head_w8", "int4")
+
+
 def test_missing_onnx_dir(tmp_path: Path) -> None:
     one_error_line(run(compile_args(tmp_path / "nope", tmp_path / "out")), "does not exist", "--onnx_dir")
 

@@ -212,13 +212,14 @@ def test_int4_bmodel_runs_with_bf16_device_tensors(tiny_bmodel, onnx_engine, pro
         e.close()
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16", "f16"])
-def test_other_modes_answer_like_the_f32_reference(tiny_bmodel, onnx_engine, processor, hf_model, mode):
-    """int4 has its own 100-pair gate (test_int4_accuracy.py); the other quantized modes must give
-    the f32 reference's tokens on the parity cases, all but at most one."""
+@pytest.mark.parametrize("mode,lm_head_w8", [("int8", False), ("bf16", False), ("f16", False), ("int4", True)])
+def test_other_modes_answer_like_the_f32_reference(tiny_bmodel, onnx_engine, processor, hf_model, mode,
+                                                   lm_head_w8):
+    """int4 has its own 100-pair gate (test_int4_accuracy.py); the other quantized modes, and int4
+    with a W8 lm_head, must give the f32 reference's tokens on the parity cases, all but at most one."""
     eos = list(hf_model.generation_config.eos_token_id)
     onnx_engine.set_sampling("greedy")
-    quantized = BmodelEngine(tiny_bmodel(mode), [0])
+    quantized = BmodelEngine(tiny_bmodel(mode, lm_head_w8), [0])
     try:
         quantized.set_sampling("greedy")
         differ = [c.name for c in CASES

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from .ours import build_ours
 
     def ours_fn(ck, w, seq, nets, log):
-        return build_ours(ck, w, seq, nets, log=log, reuse=args.reuse)
+        return build_ours(ck, w, seq, nets, log=log, reuse=args.reuse, lm_head_w8=args.lm_head_w8)
 
     def llmc_fn(ck, w, seq, nets, log):
         return build_llmc(ck, w, seq, nets, log=log)
@@ -136,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", default="ours,llm_convert")
     p.add_argument("--vit_depths", type=int, default=2, choices=(1, 2),
                    help="build the vit at 2 depths to extrapolate its per-layer cost (default)")
+    p.add_argument("--lm_head_w8", action="store_true",
+                   help="ours: compile lm_head W8BF16 (compile.sh --lm_head_w8); needs --big_tables to matter")
     p.add_argument("--big_tables", action="store_true",
-                   help="also compile our embedding/lm_head nets (needs ~20 GB free RAM at 11B)")
+                   help="also compile our embedding/lm_head nets (~10 GB of RAM at 11B without onnxsim)")
     p.add_argument("--reuse", action="store_true",
                    help="keep our nets compiled before even if the export code changed since")
     p.add_argument("--work", default="build/chip_speed", help="cache dir (default build/chip_speed)")

@@ -38,13 +38,13 @@ def _file_bytes(entry: dict) -> int:
 
 
 def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, group: int,
-                  chip: str) -> Path:
+                  chip: str, lm_head_w8: bool = False) -> Path:
     """Compile one exported piece alone; returns its working dir (bmodel + profile inside)."""
     d = work / net
     d.mkdir(parents=True, exist_ok=True)
     bmodel = d / f"{net}.bmodel"
     stamp = d / "stamp.json"
-    key = {"sha256": entry["sha256"], "mode": mode, "group": group, "chip": chip}
+    key = {"sha256": entry["sha256"], "mode": mode, "group": group, "chip": chip, "lm_head_w8": lm_head_w8}
     if bmodel.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
         return d
     bmodel.unlink(missing_ok=True)
@@ -56,7 +56,7 @@ def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, 
     _run([str(_BIN / "model_transform.py"), "--model_name", net, "--model_def", str(model_def),
           "--input_shapes", _shape_arg(ins), "--input_types", ",".join(i["dtype"] for i in ins),
           "--mlir", f"{net}.mlir", *transform_args(_file_bytes(entry))], d, log)
-    pol = piece_policy(net, mode, group, [i["name"] for i in ins], [o["name"] for o in outs])
+    pol = piece_policy(net, mode, group, [i["name"] for i in ins], [o["name"] for o in outs], lm_head_w8)
     _run([str(_BIN / "model_deploy.py"), "--mlir", f"{net}.mlir", "--chip", chip,
           "--model", bmodel.name, *pol.deploy_args()], d, log)
     stamp.write_text(json.dumps(key))
@@ -65,7 +65,7 @@ def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, 
 
 def build_ours(ckpt: Path, work: Path, seq_length: int, nets: list[str], mode: str = "int4",
                group: int = 64, chip: str = "bm1684x", log=print,
-               reuse: bool = False) -> dict[str, Path]:
+               reuse: bool = False, lm_head_w8: bool = False) -> dict[str, Path]:
     """Export the named pieces (cached by the export's own manifest) and compile each.
 
     reuse: take a net compiled before as it is, even if the export code changed since (the
@@ -87,5 +87,5 @@ def build_ours(ckpt: Path, work: Path, seq_length: int, nets: list[str], mode: s
     for net in nets:
         log(f"[ours] compile {net}")
         dirs[net] = compile_piece(net, manifest["pieces"][net], onnx_dir, work / "compile",
-                                  mode, group, chip)
+                                  mode, group, chip, lm_head_w8)
     return dirs
