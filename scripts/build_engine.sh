@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the C++ engine (pybind11 module `chat`) into python_demo/build/, and for the
-# simulator (cmodel) also libcmodel_yield.so, the preload scripts/simulator_env.sh applies.
+# simulator (cmodel) also libcmodel_yield.so, the preload mllama_tpu/cmodel_yield.py applies.
 # Idempotent: when the module is newer than its sources it only says so and exits (well
 # under a second); otherwise cmake + make. Called by scripts/setup_env.sh.
 #   scripts/build_engine.sh [--force] [extra cmake args, e.g. -DTARGET_ARCH=soc]
@@ -30,11 +30,9 @@ fi
 module="$(ls "$BUILD"/chat*.so 2>/dev/null | head -n1 || true)"
 if [ "$force" = 0 ] && [ -n "$module" ] && [ $# -eq 0 ] && [ "$(cat "$BUILD/.python" 2>/dev/null)" = "$PY" ]; then
     newer="$(find "$SRC/chat.cpp" "$SRC/cmodel_yield.c" "$SRC/CMakeLists.txt" "$SRC/include" -newer "$module" -print -quit)"
-    shim_missing=0
-    if grep -q "^TARGET_ARCH:STRING=cmodel$" "$BUILD/CMakeCache.txt" 2>/dev/null && [ ! -f "$BUILD/libcmodel_yield.so" ]; then
-        shim_missing=1
-    fi
-    if [ -z "$newer" ] && [ "$shim_missing" = 0 ]; then
+    # A simulator build is only whole with its preload next to the module.
+    is_cmodel="$(grep -c "^TARGET_ARCH:STRING=cmodel$" "$BUILD/CMakeCache.txt" 2>/dev/null || true)"
+    if [ -z "$newer" ] && { [ "$is_cmodel" != 1 ] || [ -f "$BUILD/libcmodel_yield.so" ]; }; then
         say "up to date: ${module#$ROOT/}"
         exit 0
     fi

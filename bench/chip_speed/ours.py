@@ -44,19 +44,20 @@ def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, 
     d.mkdir(parents=True, exist_ok=True)
     bmodel = d / f"{net}.bmodel"
     stamp = d / "stamp.json"
-    key = {"sha256": entry["sha256"], "mode": mode, "group": group, "chip": chip, "lm_head_w8": lm_head_w8}
+    ins = entry["inputs"]
+    outs = entry["outputs"]
+    pol = piece_policy(net, mode, group, [i["name"] for i in ins], [o["name"] for o in outs], lm_head_w8)
+    # As the compile stage's stamp: the flags passed decide the bmodel, not the mode's name.
+    key = {"sha256": entry["sha256"], "chip": chip, "policy": pol.to_dict()}
     if bmodel.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
         return d
     bmodel.unlink(missing_ok=True)
     log = d / "compile.log"
     log.write_text("")
-    ins = entry["inputs"]
-    outs = entry["outputs"]
     model_def = (onnx_dir / entry["file"]).resolve()
     _run([str(_BIN / "model_transform.py"), "--model_name", net, "--model_def", str(model_def),
           "--input_shapes", _shape_arg(ins), "--input_types", ",".join(i["dtype"] for i in ins),
           "--mlir", f"{net}.mlir", *transform_args(_file_bytes(entry))], d, log)
-    pol = piece_policy(net, mode, group, [i["name"] for i in ins], [o["name"] for o in outs], lm_head_w8)
     _run([str(_BIN / "model_deploy.py"), "--mlir", f"{net}.mlir", "--chip", chip,
           "--model", bmodel.name, *pol.deploy_args()], d, log)
     stamp.write_text(json.dumps(key))
