@@ -9,7 +9,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SRC="$ROOT/python_demo"
-BUILD="$SRC/build"
+BUILD="${MLLAMA_ENGINE_DIR:-$SRC/build}"  # where mllama_tpu/engines/bmodel.py loads the module from
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 
 say() { echo "[build_engine] $*" >&2; }
