@@ -109,6 +109,19 @@ def create_app(pool: EnginePool, config: ServerConfig):
             return JSONResponse(errors.error_body(400, "client disconnected"), status_code=400)
         return JSONResponse(whole, headers=headers)
 
+    def openapi() -> dict:
+        # The schema names what this server takes: its one model id, and max_tokens below SEQ.
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            props = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+            props["model"]["enum"] = [config.served_name]
+            for name in ("max_tokens", "max_completion_tokens"):
+                for branch in props[name].get("anyOf", [props[name]]):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = seq - 1
+        return app.openapi_schema
+
+    app.openapi = openapi
     return Guard(app, config.api_key, config.max_body_bytes)
 
 

@@ -44,8 +44,6 @@ def frequency_to_repeat_penalty(frequency_penalty: float) -> float:
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     extra = req.model_extra or {}
-    if req.n not in (None, 1):
-        raise ApiError(400, f"n={req.n}: this server answers with one choice (n=1)", "n", "unsupported_parameter")
     if req.presence_penalty not in (None, 0, 0.0):
         raise ApiError(400, "presence_penalty is not supported: use frequency_penalty (mapped onto the repeat penalty)",
                        "presence_penalty", "unsupported_parameter")
@@ -83,8 +81,6 @@ def sampling_of(req: ChatCompletionRequest) -> SamplingParams:
 
 def stops_of(req: ChatCompletionRequest) -> tuple[str, ...]:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > 4:
-        raise ApiError(400, f"stop has {len(stops)} strings: at most 4", "stop", "invalid_value")
     if any(s == "" for s in stops):
         raise ApiError(400, "stop strings must not be empty", "stop", "invalid_value")
     return tuple(stops)

@@ -62,12 +62,13 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1, description="extension: candidates kept when sampling (default 50)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(
+        None, description="up to 4 strings; the answer ends before the first")
     frequency_penalty: float | None = Field(
         None, ge=-2, le=2, description="mapped onto the model's repeat penalty: repeat_penalty = 2 ** (frequency_penalty / 2)"
     )
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    n: int | None = Field(None, ge=1, description="only 1 is supported")
+    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
     user: str | None = None
 
 
