@@ -74,10 +74,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(log_dir: Path, *args: str, key: str | None = KEY, timeout: float = 600) -> Iterator[Server]:
+def running_server(log_dir: Path, *args: str, key: str | None = KEY, timeout: float = 600,
+                   command: tuple[str, ...] = (sys.executable, str(SERVER))) -> Iterator[Server]:
     port = free_port()
     log_path = Path(log_dir) / f"server-{port}.log"
-    cmd = [sys.executable, str(SERVER), *args, "--port", str(port)]
+    cmd = [*command, *args, "--port", str(port)]
     env = dict(os.environ)
     env.pop("MLLAMA_API_KEY", None)
     if key:
