@@ -36,8 +36,7 @@ def build_tiny_bmodel() -> Path:
 
 
 def chat_about_samples(bmodel: Path) -> int:
-    from mllama_tpu.chat import ChatSession
-    from mllama_tpu.engines import open_engine
+    from mllama_tpu.session import ChatSession, LoadedModel
 
     truth = json.loads((SAMPLES / "truth.json").read_text())
     # The simulator's firmware prints debug lines on every dynamic net (the token head); they
@@ -45,8 +44,7 @@ def chat_about_samples(bmodel: Path) -> int:
     log = WORK / "simulator.log"
     os.environ.setdefault("MLLAMA_SIMULATOR_LOG", str(log))
     print(f"== chat (simulator messages, if any: {log.relative_to(REPO_ROOT)})", flush=True)
-    engine = open_engine("bmodel", bmodel)
-    session = ChatSession.create(engine, bmodel.parent / "token_config", max_new_tokens=32)
+    session = ChatSession(LoadedModel.open("bmodel", bmodel), max_new_tokens=32)
     right = total = 0
     for name, facts in truth.items():
         session.set_image(SAMPLES / name)

@@ -1,13 +1,14 @@
 """The generation loop: prefill, then decode one token at a time until a stop condition.
 
-It knows nothing of how the model is stored: any base.Engine works. Stops on an EOS id, after
-max_new_tokens, or when the static sequence length SEQ is full (reported, not silent).
+It knows nothing of how the model is stored: any engines.base.Engine works. The stop rules live
+here and only here: an EOS id, max_new_tokens, the static sequence length SEQ full (reported,
+not silent), or the caller's own reason when it stops iterating (a stop string, a cancel).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable, Iterator
 
 from mllama_tpu.engines.base import Engine
 from mllama_tpu.inputs import PrefillInputs
@@ -26,6 +27,10 @@ class Generation:
     ftl_s: float = 0.0  # first token latency: the prefill
     decode_s: float = 0.0  # time spent producing the tokens after the first
 
+    def stop(self, reason: str) -> None:
+        """The caller ended the answer early (a stop string, a cancel)."""
+        self.stop_reason = reason
+
     @property
     def tps(self) -> float:
         """Decode speed in tokens/s: tokens after the first over the time they took."""
@@ -38,39 +43,38 @@ class Generation:
         return len(self.tokens) + (1 if self.stop_reason == STOP_EOS else 0)
 
 
-def generate(
-    engine: Engine,
-    prompt: PrefillInputs,
-    eos_ids: Iterable[int],
-    max_new_tokens: int,
-    on_token: Callable[[int], None] | None = None,
-) -> Generation:
-    """Generate up to max_new_tokens tokens after `prompt`; on_token sees each non-EOS token."""
+def generate_tokens(engine: Engine, prompt: PrefillInputs, eos_ids: Iterable[int], max_new_tokens: int,
+                    out: Generation) -> Iterator[int]:
+    """Yield each answer token as it comes (an EOS ends the answer and is not yielded); `out`
+    records tokens, times and why it stopped. A caller that stops early calls out.stop(reason)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = set(int(t) for t in eos_ids)
-    out = Generation()
-
     t0 = time.perf_counter()
     token = engine.prefill(prompt)
     t1 = time.perf_counter()
     out.ftl_s = t1 - t0
-    position = prompt.num_tokens  # where `token` goes when it is fed back
+    try:
+        while True:
+            if token in eos:
+                out.stop_reason = STOP_EOS
+                return
+            out.tokens.append(token)
+            yield token
+            if len(out.tokens) >= max_new_tokens:
+                out.stop_reason = STOP_MAX_NEW_TOKENS
+                return
+            if engine.is_full:
+                out.stop_reason = STOP_SEQLEN
+                return
+            token = engine.decode(token)
+    finally:
+        out.decode_s = time.perf_counter() - t1
 
-    while True:
-        if token in eos:
-            out.stop_reason = STOP_EOS
-            break
-        out.tokens.append(token)
-        if on_token is not None:
-            on_token(token)
-        if len(out.tokens) >= max_new_tokens:
-            out.stop_reason = STOP_MAX_NEW_TOKENS
-            break
-        if position >= engine.seq_length:
-            out.stop_reason = STOP_SEQLEN
-            break
-        token = engine.decode(token)
-        position += 1
-    out.decode_s = time.perf_counter() - t1
+
+def generate(engine: Engine, prompt: PrefillInputs, eos_ids: Iterable[int], max_new_tokens: int) -> Generation:
+    """The whole answer at once."""
+    out = Generation()
+    for _ in generate_tokens(engine, prompt, eos_ids, max_new_tokens, out):
+        pass
     return out

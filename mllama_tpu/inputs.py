@@ -24,10 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# Additive mask values: 0 lets a query see a key, MASK_HIDDEN hides it. -10000 rather than
-# finfo.min so the value survives f16/bf16 on the device without turning into -inf/NaN.
-MASK_VISIBLE = 0.0
-MASK_HIDDEN = -10000.0
+from mllama_tpu.contract import MASK_HIDDEN, MASK_VISIBLE
+from mllama_tpu.errors import UserError
+
 
 
 @dataclass
@@ -42,6 +41,10 @@ class ImageInputs:
     def num_tiles(self) -> int:
         """Real tiles of this image (the rest of the T slots are padding)."""
         return int(self.aspect_ratio_mask.sum())
+
+    @property
+    def max_tiles(self) -> int:
+        return int(self.aspect_ratio_mask.shape[-1])
 
 
 @dataclass
@@ -109,8 +112,8 @@ def process(processor: Any, messages: Sequence[dict], image: Any | None) -> dict
 
 
 def image_inputs_from(features: dict[str, np.ndarray]) -> ImageInputs:
-    """The vit inputs from the processor output (batch 1, one image)."""
-    pv = features["pixel_values"]
+    """The vit inputs from processor output (batch 1, one image)."""
+    pv = np.asarray(features["pixel_values"])
     if pv.ndim != 6 or pv.shape[0] != 1 or pv.shape[1] != 1:
         raise ValueError(f"expected pixel_values [1,1,T,3,S,S] for one image, got {list(pv.shape)}")
     return ImageInputs(
@@ -118,6 +121,29 @@ def image_inputs_from(features: dict[str, np.ndarray]) -> ImageInputs:
         aspect_ratio_ids=np.asarray(features["aspect_ratio_ids"], dtype=np.int32).reshape(1, 1),
         aspect_ratio_mask=np.asarray(features["aspect_ratio_mask"], dtype=np.int32).reshape(1, -1),
     )
+
+
+def prepare_image(processor: Any, image: Any) -> ImageInputs:
+    """Tile, resize and normalise one RGB image: the image processor runs once per image."""
+    return image_inputs_from(processor.image_processor([[image]], return_tensors="np"))
+
+
+def prompt_features(processor: Any, messages: Sequence[dict], image: ImageInputs | None) -> dict[str, np.ndarray]:
+    """What `process` gives for a conversation, from an already prepared image: input_ids [1,L]
+    and, with an image, cross_attention_mask [1,L,1,T], by transformers' own mask rule."""
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    text = processor.apply_chat_template(list(messages), add_generation_prompt=True)
+    ids = list(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    out = {"input_ids": np.asarray([ids], dtype=np.int64)}
+    if image is not None:
+        sparse = [get_cross_attention_token_mask(ids, processor.image_token_id)]
+        out["cross_attention_mask"] = convert_sparse_cross_attention_mask_to_dense(
+            sparse, num_tiles=[[image.num_tiles]], max_num_tiles=image.max_tiles, length=len(ids))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +198,7 @@ def cross_masks(
 # ---------------------------------------------------------------------------------------------
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(UserError, ValueError):
     """The prompt has more tokens than the engine's static sequence length."""
 
     def __init__(self, num_tokens: int, seq_length: int):

@@ -1,19 +1,23 @@
 // chat.cpp — the mllama-tpu engine: runs an mllama bmodel on a BM1684X (or its simulator)
-// through libbmrt, exposed to Python as the pybind11 module `chat`.
+// through libbmrt, exposed to Python as the pybind11 module `chat` (class `chat.Mllama`).
 //
-// Python decides what the model sees (token ids, positions, prefill masks, pixel values);
-// this file moves it to the device, runs the nets, keeps the KV cache in device memory and
-// does the per-token work of decode (position, mask row, cache update, token head).
+// Python decides what the model sees (token ids, positions, prefill masks, pixel values, the
+// sampling head's inputs) and owns every rule about it (mllama_tpu/inputs.py, sampling.py,
+// contract.py; ARCHITECTURE.md). This file moves it to the device, runs the nets, keeps the KV
+// cache in device memory and does the per-token work of decode: position, the self-attention
+// mask row (by the contract's rule and values, handed over at init), the cache update.
 //
 // Read top to bottom, in the order data flows:
-//   1. errors and host dtype conversion
-//   2. device and bmodel: RAII handles, net discovery (layers, dims from the bmodel itself)
-//   3. net launch helpers
-//   4. KV cache
-//   5. vision encoder and prefill
-//   6. decode
-//   7. token heads (greedy, penalty sampling)
-//   8. the Python binding
+//   1. errors
+//   2. host dtype conversion
+//   3. the simulator's stdout
+//   4. state: device handles, nets and layers, the KV cache, step buffers
+//   5. loading: the bmodel checked against the contract, state allocated
+//   6. launching a net
+//   7. the vision encoder
+//   8. the layer pass (one loop for prefill and decode)
+//   9. prefill, decode and the token heads
+//  10. the Python binding
 // Every libbmrt/bmlib call is checked; a failure throws (never assert: it vanishes in
 // release builds, and an abort would take the whole Python session down).
 
@@ -31,7 +35,6 @@
 #include <map>
 #include <memory>
 #include <optional>
-#include <random>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -45,13 +48,8 @@
 namespace py = pybind11;
 
 // =========================================================================================
-// 1. Errors and host dtype conversion
+// 1. Errors
 // =========================================================================================
-
-// Decode was asked for a token that no longer fits in SEQLEN; Python turns it into a notice.
-struct SeqlenReached : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 
 [[noreturn]] static void fail(const std::string& what) { throw std::runtime_error(what); }
 
@@ -60,6 +58,16 @@ static void check_bm(bm_status_t st, const char* call, const std::string& contex
     fail(std::string(call) + " failed (bm_status " + std::to_string(static_cast<int>(st)) + ") for " +
          context);
 }
+
+static void expect_count(const std::string& what, size_t got, size_t want) {
+  if (got != want)
+    throw std::invalid_argument(what + " has " + std::to_string(got) + " values; the bmodel takes " +
+                                std::to_string(want));
+}
+
+// =========================================================================================
+// 2. Host dtype conversion (used where two nets disagree on a dtype, and for host tensors)
+// =========================================================================================
 
 static const char* dtype_name(bm_data_type_t t) {
   switch (t) {
@@ -137,9 +145,9 @@ static float f16_to_f32(uint16_t h) {
   return f;
 }
 
-// Host values (float or int32) -> raw device layout of `dt`.
+// Host values (float or int32) -> the raw device layout of `dt`.
 template <typename T>
-static std::vector<uint8_t> encode(const T* src, size_t n, bm_data_type_t dt) {
+static std::vector<uint8_t> to_device_bytes(const T* src, size_t n, bm_data_type_t dt) {
   std::vector<uint8_t> out(n * dtype_size(dt));
   for (size_t i = 0; i < n; ++i) {
     const T v = src[i];
@@ -156,7 +164,7 @@ static std::vector<uint8_t> encode(const T* src, size_t n, bm_data_type_t dt) {
 }
 
 // Raw device layout of `dt` -> host doubles (exact for every dtype used here).
-static std::vector<double> decode_raw(const uint8_t* src, size_t n, bm_data_type_t dt) {
+static std::vector<double> from_device_bytes(const uint8_t* src, size_t n, bm_data_type_t dt) {
   std::vector<double> out(n);
   for (size_t i = 0; i < n; ++i) {
     switch (dt) {
@@ -170,6 +178,10 @@ static std::vector<double> decode_raw(const uint8_t* src, size_t n, bm_data_type
   }
   return out;
 }
+
+// =========================================================================================
+// 3. The simulator's stdout
+// =========================================================================================
 
 // The simulator's firmware printf()s debug lines ("[0] do_allreduce", shapes of CPU layers) to
 // stdout, where they would interleave with a streamed answer or break JSON output. On cmodel
@@ -222,7 +234,7 @@ static double ms_since(std::chrono::steady_clock::time_point t0) {
 }
 
 // =========================================================================================
-// 2. Device and bmodel: RAII handles, discovery
+// 4. State
 // =========================================================================================
 
 class Device {
@@ -331,42 +343,98 @@ struct Net {
   }
 };
 
-// What block_i / block_cache_i must look like (net contract, DESIGN.md).
-static const std::vector<std::string> kSelfPrefillInputs = {"input_states", "position_ids", "attention_mask"};
-static const std::vector<std::string> kSelfDecodeInputs = {"input_states", "position_ids", "attention_mask",
-                                                           "history_k", "history_v"};
-static const std::vector<std::string> kCrossPrefillInputs = {"input_states", "cross_attention_states",
-                                                             "text_row_mask", "attention_mask"};
-static const std::vector<std::string> kCrossDecodeInputs = {"input_states", "text_row_mask", "attention_mask",
-                                                            "cross_k", "cross_v"};
-
-struct SamplingConfig {
-  bool sample = false;  // false: greedy_head
-  float temperature = 1.0f, top_p = 1.0f, repeat_penalty = 1.0f;
-  int top_k = 1, repeat_last_n = 64;
+// The net contract as Python's mllama_tpu.contract.engine_spec() hands it over: input names and
+// output count of every head and of each block role, and the additive mask values.
+struct NetShape {
+  std::vector<std::string> inputs;
+  int outputs = 0;
+};
+struct Contract {
+  std::map<std::string, NetShape> heads;   // "vit", "embedding", ..., "penalty_sample_head"
+  std::map<std::string, NetShape> blocks;  // "self_prefill", "self_decode", "cross_prefill", "cross_decode"
+  float mask_visible = 0.0f, mask_hidden = 0.0f;
 };
 
-// =========================================================================================
-// The engine
-// =========================================================================================
+// One decoder layer: its kind and its two nets, resolved once at load.
+struct Layer {
+  bool cross = false;
+  Net* prefill = nullptr;  // block_i: the prompt
+  Net* decode = nullptr;   // block_cache_i: one token
+};
 
-class Engine {
+// Dims read from the bmodel itself (valid after init).
+struct Dims {
+  int seq = 0, hidden = 0, layers = 0, kv_heads = 0, head_dim = 0;
+  int max_tiles = 0, patches = 0, tile_size = 0, vocab = 0, sample_k = 0, recent_ids = 0;
+};
+
+// K/V of every layer in device memory, in the dtype the decode block reads them as.
+// Self layer i: [SEQ, KV, D] each, written whole by prefill, one row per decode step.
+// Cross layer i: [KV, T*P, D] each (head-major), written by an image prompt's prefill, read by decode.
+class KVCache {
  public:
-  // ---- dims read from the bmodel (valid after init) ----
-  int SEQLEN = 0, HIDDEN_SIZE = 0, NUM_LAYERS = 0, KV_HEADS = 0, HEAD_DIM = 0;
-  int MAX_TILES = 0, NUM_PATCHES = 0, TILE_SIZE = 0, VOCAB_SIZE = 0, SAMPLE_K = 0, RECENT_IDS = 0;
+  struct Entry {
+    DeviceMem k, v;
+    bm_data_type_t dtype = BM_FLOAT32;
+    size_t elems = 0;
+  };
+  std::vector<Entry> layer;
+  int filled = 0;          // cache slots holding a token (self layers)
+  bool has_cross = false;  // cross K/V belong to the last prompt: decode runs the cross layers
+
+  View k(int i) const { return View{layer[i].k.mem(), layer[i].dtype, layer[i].elems}; }
+  View v(int i) const { return View{layer[i].v.mem(), layer[i].dtype, layer[i].elems}; }
+  void clear() { layer.clear(), filled = 0, has_cross = false; }
+};
+
+// Device buffers of one kind of step (prefill: SEQ rows; decode: one row), written by the host or
+// passed from layer to layer. Masks and positions are stored in the dtype their first reader takes.
+struct StepBuffers {
+  DeviceMem hidden[2];  // ping-pong between layers
+  DeviceMem position_ids, self_mask, cross_mask, text_row_mask;
+  View positions, self_attention, cross_attention, text_rows;  // what the current step uploaded
+};
+
+class Mllama {
+ public:
+  Dims dims;
   std::vector<int> cross_layers;
   double last_vit_ms = 0, last_prefill_ms = 0, last_decode_ms = 0;
 
-  ~Engine() { deinit(); }
+  ~Mllama() { deinit(); }
 
-  void init(const std::vector<int>& devids, const std::string& bmodel_path) {
+ private:
+  // ---- what the engine holds, in the order it is made ----
+  Contract contract_;
+  std::string bmodel_path_;
+  std::unique_ptr<Device> dev_;
+  std::unique_ptr<Runtime> rt_;
+  std::map<std::string, Net> nets_;
+  Net *vit_ = nullptr, *embedding_ = nullptr, *embedding_cache_ = nullptr, *lm_head_ = nullptr;
+  Net *greedy_head_ = nullptr, *sample_head_ = nullptr;
+  std::vector<Layer> layers_;
+  KVCache kv_;
+  StepBuffers prefill_buf_, decode_buf_;
+  DeviceMem vit_out_;
+  View vit_states_;
+  bool image_ready_ = false;  // vit_out_ holds the current image's cross-attention states
+  int next_position_ = 0;     // position id of the next fed token
+  size_t allocated_ = 0;      // bytes of device memory this engine allocated itself
+  struct NetStat {
+    long runs = 0;
+    double ms = 0;
+  };
+  std::map<std::string, NetStat> net_stats_;  // launches and time per net, for profiling
+
+ public:
+  // =======================================================================================
+  // 5. Loading
+  // =======================================================================================
+  void init(int devid, const std::string& bmodel_path, const Contract& contract) {
     QuietStdout quiet;  // the simulator announces itself on stdout
     deinit();
-    if (devids.size() != 1)
-      throw std::invalid_argument("this engine runs a bmodel on exactly one device; got " +
-                                  std::to_string(devids.size()) + " device ids");
-    dev_ = std::make_unique<Device>(devids[0]);
+    contract_ = contract;
+    dev_ = std::make_unique<Device>(devid);
     rt_ = std::make_unique<Runtime>(dev_->handle());
     if (!bmrt_load_bmodel(rt_->get(), bmodel_path.c_str())) {
       deinit();
@@ -384,40 +452,28 @@ class Engine {
   void deinit() {
     QuietStdout quiet;
     // Buffers first, then the runtime, then the device: each needs the next to be freed.
-    k_cache_.clear(), v_cache_.clear(), cross_k_.clear(), cross_v_.clear();
-    shared_.clear();
-    nets_.clear();
+    kv_.clear();
+    prefill_buf_ = StepBuffers(), decode_buf_ = StepBuffers();
     vit_out_ = DeviceMem();
+    layers_.clear(), cross_layers.clear();
+    vit_ = embedding_ = embedding_cache_ = lm_head_ = greedy_head_ = sample_head_ = nullptr;
+    nets_.clear();
     rt_.reset();
     dev_.reset();
     allocated_ = 0;
     net_stats_.clear();
-    is_cross_.clear(), cross_layers.clear();
-    image_ready_ = cross_ready_ = false;
-    token_pos_ = 0;
-    history_.clear();
+    image_ready_ = false;
+    next_position_ = 0;
+    dims = Dims();
   }
 
   bool ready() const { return rt_ != nullptr; }
+  int position() const { return kv_.filled; }
 
  private:
-  std::unique_ptr<Device> dev_;
-  std::unique_ptr<Runtime> rt_;
-  std::map<std::string, Net> nets_;
-  std::vector<bool> is_cross_;
-  struct NetStat {
-    long runs = 0;
-    double ms = 0;
-  };
-  std::map<std::string, NetStat> net_stats_;  // launches and time per net, for profiling
-  std::string bmodel_path_;
-  size_t allocated_ = 0;  // bytes of device memory this engine allocated itself
-
   void require_ready() const {
-    if (!rt_) fail("engine not initialised: call init(devids, bmodel_path) first");
+    if (!rt_) fail("engine not initialised: call init(devid, bmodel_path, contract) first");
   }
-
-  Net& net(const std::string& n) { return nets_.at(n); }
 
   DeviceMem alloc(size_t bytes, const std::string& what) {
     DeviceMem m(dev_->handle(), bytes, what);
@@ -425,7 +481,7 @@ class Engine {
     return m;
   }
 
-  // Reads every net of the contract, its inputs and dims; one exception lists all that is missing.
+  // Every net of the bmodel, checked against the contract; one exception lists all that is missing.
   void discover(const std::string& path) {
     bmodel_path_ = path;
     void* p = rt_->get();
@@ -449,72 +505,116 @@ class Engine {
     std::free(names);
 
     std::vector<std::string> missing;
-    auto need_net = [&](const std::string& name) {
-      if (!nets_.count(name)) missing.push_back("net '" + name + "'");
-      return nets_.count(name) > 0;
-    };
-    auto need_inputs = [&](const std::string& name, const std::vector<std::string>& ins, int outputs) {
-      if (!need_net(name)) return;
-      const Net& nt = nets_.at(name);
-      for (const auto& in : ins)
+    auto resolve = [&](const std::string& name, const NetShape& shape) -> Net* {
+      auto it = nets_.find(name);
+      if (it == nets_.end()) {
+        missing.push_back("net '" + name + "'");
+        return nullptr;
+      }
+      const Net& nt = it->second;
+      for (const auto& in : shape.inputs)
         if (nt.input(in) < 0) missing.push_back("input '" + in + "' of net '" + name + "'");
-      if (nt.info->output_num != outputs)
-        missing.push_back(std::to_string(outputs) + " outputs of net '" + name + "' (it has " +
+      if (nt.info->output_num != shape.outputs)
+        missing.push_back(std::to_string(shape.outputs) + " outputs of net '" + name + "' (it has " +
                           std::to_string(nt.info->output_num) + ")");
       if (nt.info->stage_num < 1) missing.push_back("a compiled stage of net '" + name + "'");
+      return &it->second;
     };
-    need_inputs("vit", {"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"}, 1);
-    need_inputs("embedding", {"input_ids"}, 1);
-    need_inputs("embedding_cache", {"input_ids"}, 1);
-    need_inputs("lm_head", {"hidden_states"}, 1);
-    need_inputs("greedy_head", {"logits"}, 1);
-    need_inputs("penalty_sample_head", {"logits", "recent_ids", "top_p", "temperature", "repeat_penalty"}, 2);
-    int layers = 0;
-    while (nets_.count("block_" + std::to_string(layers))) ++layers;
-    if (layers == 0) missing.push_back("net 'block_0' (no decoder layers)");
-    for (int i = 0; i < layers; ++i) {
-      const std::string b = "block_" + std::to_string(i), c = "block_cache_" + std::to_string(i);
-      const bool cross = nets_.at(b).input("cross_attention_states") >= 0;
-      is_cross_.push_back(cross);
-      if (cross) {
-        cross_layers.push_back(i);
-        need_inputs(b, kCrossPrefillInputs, 3);
-        need_inputs(c, kCrossDecodeInputs, 1);
-      } else {
-        need_inputs(b, kSelfPrefillInputs, 3);
-        need_inputs(c, kSelfDecodeInputs, 3);
-      }
+    auto head = [&](const char* name) -> Net* {
+      auto it = contract_.heads.find(name);
+      if (it == contract_.heads.end()) fail(std::string("the contract names no head '") + name + "'");
+      return resolve(name, it->second);
+    };
+    auto block_shape = [&](bool cross, bool decode) -> const NetShape& {
+      const std::string role = std::string(cross ? "cross" : "self") + (decode ? "_decode" : "_prefill");
+      auto it = contract_.blocks.find(role);
+      if (it == contract_.blocks.end()) fail("the contract names no block role '" + role + "'");
+      return it->second;
+    };
+    vit_ = head("vit");
+    embedding_ = head("embedding");
+    embedding_cache_ = head("embedding_cache");
+    lm_head_ = head("lm_head");
+    greedy_head_ = head("greedy_head");
+    sample_head_ = head("penalty_sample_head");
+    int count = 0;
+    while (nets_.count("block_" + std::to_string(count))) ++count;
+    if (count == 0) missing.push_back("net 'block_0' (no decoder layers)");
+    for (int i = 0; i < count; ++i) {
+      Layer l;
+      l.cross = nets_.at("block_" + std::to_string(i)).input("cross_attention_states") >= 0;
+      l.prefill = resolve("block_" + std::to_string(i), block_shape(l.cross, false));
+      l.decode = resolve("block_cache_" + std::to_string(i), block_shape(l.cross, true));
+      if (l.cross) cross_layers.push_back(i);
+      layers_.push_back(l);
     }
     if (!missing.empty()) {
       std::string msg = "bmodel " + path + " is not an mllama-tpu bmodel: missing ";
       for (size_t i = 0; i < missing.size(); ++i) msg += (i ? ", " : "") + missing[i];
       throw std::invalid_argument(msg);
     }
-    int first_self = -1;
-    for (int i = 0; i < layers && first_self < 0; ++i)
-      if (!is_cross_[i]) first_self = i;
-    if (first_self < 0) throw std::invalid_argument("bmodel " + path + " has no self-attention layer");
+    const Layer* first_self = nullptr;
+    for (const Layer& l : layers_)
+      if (!l.cross && !first_self) first_self = &l;
+    if (!first_self) throw std::invalid_argument("bmodel " + path + " has no self-attention layer");
 
-    NUM_LAYERS = layers;
-    const Net& emb = net("embedding");
-    SEQLEN = emb.dim(false, 0, -1);
-    HIDDEN_SIZE = emb.dim(true, 0, -1);
-    const Net& blk = net("block_" + std::to_string(first_self));
-    KV_HEADS = blk.dim(true, 1, -2);
-    HEAD_DIM = blk.dim(true, 1, -1);
-    const Net& vit = net("vit");
-    MAX_TILES = vit.dim(true, 0, 0);
-    NUM_PATCHES = vit.dim(true, 0, 1);
-    TILE_SIZE = vit.dim(false, vit.input("pixel_values"), -1);
-    VOCAB_SIZE = net("lm_head").dim(true, 0, -1);
-    const Net& ps = net("penalty_sample_head");
-    SAMPLE_K = ps.dim(true, 0, -1);
-    RECENT_IDS = ps.dim(false, ps.input("recent_ids"), -1);
-    sampling_.top_k = SAMPLE_K;
+    dims.layers = count;
+    dims.seq = embedding_->dim(false, 0, -1);
+    dims.hidden = embedding_->dim(true, 0, -1);
+    dims.kv_heads = first_self->prefill->dim(true, 1, -2);
+    dims.head_dim = first_self->prefill->dim(true, 1, -1);
+    dims.max_tiles = vit_->dim(true, 0, 0);
+    dims.patches = vit_->dim(true, 0, 1);
+    dims.tile_size = vit_->dim(false, vit_->input("pixel_values"), -1);
+    dims.vocab = lm_head_->dim(true, 0, -1);
+    dims.sample_k = sample_head_->dim(true, 0, -1);
+    dims.recent_ids = sample_head_->dim(false, sample_head_->input("recent_ids"), -1);
+  }
+
+  void allocate() {
+    const size_t kv_row = static_cast<size_t>(dims.kv_heads) * dims.head_dim;
+    const size_t self_elems = static_cast<size_t>(dims.seq) * kv_row;
+    const size_t cross_elems = static_cast<size_t>(dims.max_tiles) * dims.patches * kv_row;
+    kv_.layer.resize(dims.layers);
+    for (int i = 0; i < dims.layers; ++i) {
+      const Layer& l = layers_[i];
+      KVCache::Entry& e = kv_.layer[i];
+      const std::string tag = " of layer " + std::to_string(i);
+      e.dtype = l.decode->in_dtype(l.decode->input(l.cross ? "cross_k" : "history_k"));
+      e.elems = l.cross ? cross_elems : self_elems;
+      // At least what prefill writes there directly (its outputs 1 and 2).
+      const size_t bytes = e.elems * dtype_size(e.dtype);
+      e.k = alloc(std::max(bytes, l.prefill->info->max_output_bytes[1]), (l.cross ? "cross K" : "K cache") + tag);
+      e.v = alloc(std::max(bytes, l.prefill->info->max_output_bytes[2]), (l.cross ? "cross V" : "V cache") + tag);
+    }
+    // 4 bytes per element fits every dtype a hidden state, mask or position can have.
+    const size_t seq = dims.seq, tp = static_cast<size_t>(dims.max_tiles) * dims.patches;
+    auto make = [&](StepBuffers& b, size_t rows, size_t self_cols, const char* step) {
+      const std::string s = std::string(step) + " ";
+      for (DeviceMem& h : b.hidden) h = alloc(rows * dims.hidden * 4, s + "hidden states");
+      b.position_ids = alloc(rows * 4, s + "position ids");
+      b.self_mask = alloc(rows * self_cols * 4, s + "attention mask");
+      b.cross_mask = alloc(rows * tp * 4, s + "cross-attention mask");
+      b.text_row_mask = alloc(rows * 4, s + "text row mask");
+    };
+    make(prefill_buf_, seq, seq, "prefill");
+    make(decode_buf_, 1, seq + 1, "decode");
+    vit_out_ = alloc(vit_->info->max_output_bytes[0], "vision encoder output");
+  }
+
+  // Input dtype `name` of the first layer net of kind `cross` for this step (step buffers are
+  // written in that dtype; a net wanting another converts in launch()).
+  bm_data_type_t reader_dtype(bool decode, bool cross, const std::string& name) const {
+    for (const Layer& l : layers_)
+      if (l.cross == cross) {
+        const Net& n = decode ? *l.decode : *l.prefill;
+        return n.in_dtype(n.input(name));
+      }
+    return BM_FLOAT32;
   }
 
   // =======================================================================================
-  // 3. Net launch helpers
+  // 6. Launching a net
   // =======================================================================================
 
   DeviceMem& stage(Net& n, bool out, int i) {
@@ -530,7 +630,7 @@ class Engine {
   // Host values -> `dst` in dtype `dt`; returns the view of what was written.
   template <typename T>
   View upload(const T* data, size_t count, bm_data_type_t dt, const DeviceMem& dst, const std::string& what) {
-    std::vector<uint8_t> raw = encode(data, count, dt);
+    std::vector<uint8_t> raw = to_device_bytes(data, count, dt);
     if (raw.size() > dst.bytes()) fail(what + ": " + std::to_string(raw.size()) + " bytes do not fit its buffer");
     check_bm(bm_memcpy_s2d_partial(dev_->handle(), dst.mem(), raw.data(), static_cast<unsigned int>(raw.size())),
              "bm_memcpy_s2d_partial", what);
@@ -558,7 +658,7 @@ class Engine {
 
   std::vector<double> download(const View& v, const std::string& what) {
     const auto raw = download_raw(v, 0, v.count, what);
-    return decode_raw(raw.data(), v.count, v.dtype);
+    return from_device_bytes(raw.data(), v.count, v.dtype);
   }
 
   // Copies `count` elements of `src` from element `src_off` into `dst` (dtype `dst_dt`) at
@@ -572,8 +672,8 @@ class Engine {
       return;
     }
     const auto raw = download_raw(src, src_off, count, what);
-    const auto vals = decode_raw(raw.data(), count, src.dtype);
-    const auto enc = encode(vals.data(), count, dst_dt);
+    const auto vals = from_device_bytes(raw.data(), count, src.dtype);
+    const auto enc = to_device_bytes(vals.data(), count, dst_dt);
     check_bm(bm_memcpy_s2d_partial_offset(dev_->handle(), dst, const_cast<uint8_t*>(enc.data()),
                                           static_cast<unsigned int>(enc.size()),
                                           static_cast<unsigned int>(dst_off * dtype_size(dst_dt))),
@@ -628,322 +728,213 @@ class Engine {
     return views;
   }
 
-  // =======================================================================================
-  // 4. KV cache
-  // =======================================================================================
-  // Self layer i: K and V of every position, [SEQ, KV, D] each, in the dtype block_cache_i
-  // reads them as history; written whole by prefill, one row per decode step.
-  // Cross layer i: K and V of the image patches [T*P, KV, D], written by prefill, read by decode.
-  std::vector<DeviceMem> k_cache_, v_cache_, cross_k_, cross_v_;
-  std::vector<bm_data_type_t> cache_dtype_, cross_dtype_;
-  // Engine-wide buffers: hidden-state ping-pong, prefill masks, decode masks, ...
-  std::map<std::string, DeviceMem> shared_;
-  DeviceMem vit_out_;
-
-  void allocate() {
-    const size_t kv_elems = static_cast<size_t>(SEQLEN) * KV_HEADS * HEAD_DIM;
-    const size_t cross_elems = static_cast<size_t>(MAX_TILES) * NUM_PATCHES * KV_HEADS * HEAD_DIM;
-    k_cache_.resize(NUM_LAYERS), v_cache_.resize(NUM_LAYERS), cross_k_.resize(NUM_LAYERS), cross_v_.resize(NUM_LAYERS);
-    cache_dtype_.assign(NUM_LAYERS, BM_FLOAT32), cross_dtype_.assign(NUM_LAYERS, BM_FLOAT32);
-    for (int i = 0; i < NUM_LAYERS; ++i) {
-      Net& dec = net("block_cache_" + std::to_string(i));
-      const std::string tag = " of layer " + std::to_string(i);
-      if (is_cross_[i]) {
-        cross_dtype_[i] = dec.in_dtype(dec.input("cross_k"));
-        const size_t b = cross_elems * dtype_size(cross_dtype_[i]);
-        cross_k_[i] = alloc(std::max(b, net("block_" + std::to_string(i)).info->max_output_bytes[1]), "cross K" + tag);
-        cross_v_[i] = alloc(std::max(b, net("block_" + std::to_string(i)).info->max_output_bytes[2]), "cross V" + tag);
-      } else {
-        cache_dtype_[i] = dec.in_dtype(dec.input("history_k"));
-        const size_t b = kv_elems * dtype_size(cache_dtype_[i]);
-        k_cache_[i] = alloc(std::max(b, net("block_" + std::to_string(i)).info->max_output_bytes[1]), "K cache" + tag);
-        v_cache_[i] = alloc(std::max(b, net("block_" + std::to_string(i)).info->max_output_bytes[2]), "V cache" + tag);
-      }
-    }
-    // 4 bytes per element fits every dtype a hidden state can have.
-    const size_t seq_hidden = static_cast<size_t>(SEQLEN) * HIDDEN_SIZE * 4;
-    for (const char* b : {"hidden_a", "hidden_b"}) shared_[b] = alloc(seq_hidden, std::string("prefill ") + b);
-    for (const char* b : {"dec_hidden_a", "dec_hidden_b"}) shared_[b] = alloc(HIDDEN_SIZE * 4, std::string("decode ") + b);
-    const size_t tp = static_cast<size_t>(MAX_TILES) * NUM_PATCHES;
-    shared_["position_ids"] = alloc(SEQLEN * 4, "prefill position ids");
-    shared_["self_mask"] = alloc(static_cast<size_t>(SEQLEN) * SEQLEN * 4, "prefill attention mask");
-    shared_["cross_mask"] = alloc(SEQLEN * tp * 4, "prefill cross-attention mask");
-    shared_["row_mask"] = alloc(SEQLEN * 4, "prefill text row mask");
-    shared_["dec_position"] = alloc(4, "decode position id");
-    shared_["dec_self_mask"] = alloc((SEQLEN + 1) * 4, "decode attention mask");
-    shared_["dec_cross_mask"] = alloc(tp * 4, "decode cross-attention mask");
-    shared_["dec_row_mask"] = alloc(4, "decode text row mask");
-    vit_out_ = alloc(net("vit").info->max_output_bytes[0], "vision encoder output");
-  }
-
-  // Input dtype `name` of the first net of kind `cross` that reads it (shared buffers are
-  // written in that dtype; a net wanting another converts in launch()).
-  bm_data_type_t consumer_dtype(bool prefill, bool cross, const std::string& name) {
-    for (int i = 0; i < NUM_LAYERS; ++i)
-      if (is_cross_[i] == cross) {
-        Net& n = net((prefill ? "block_" : "block_cache_") + std::to_string(i));
-        return n.in_dtype(n.input(name));
-      }
-    return BM_FLOAT32;
-  }
-
-  // =======================================================================================
-  // 5. Vision encoder and prefill
-  // =======================================================================================
-  bool image_ready_ = false;  // vit output in vit_out_ belongs to the current image
-  bool cross_ready_ = false;  // cross K/V of the last prefill are valid: decode runs cross layers
-  View vit_states_;
-
  public:
+  // =======================================================================================
+  // 7. The vision encoder
+  // =======================================================================================
   void encode_image(const std::vector<float>& pixel_values, const std::vector<int32_t>& aspect_ratio_ids,
                     const std::vector<int32_t>& aspect_ratio_mask) {
     require_ready();
     const auto t0 = std::chrono::steady_clock::now();
-    Net& vit = net("vit");
     std::map<std::string, View> in;
-    in["pixel_values"] = upload_input(vit, "pixel_values", pixel_values.data(), pixel_values.size());
-    in["aspect_ratio_ids"] = upload_input(vit, "aspect_ratio_ids", aspect_ratio_ids.data(), aspect_ratio_ids.size());
-    in["aspect_ratio_mask"] = upload_input(vit, "aspect_ratio_mask", aspect_ratio_mask.data(), aspect_ratio_mask.size());
+    in["pixel_values"] = upload_input(*vit_, "pixel_values", pixel_values.data(), pixel_values.size());
+    in["aspect_ratio_ids"] = upload_input(*vit_, "aspect_ratio_ids", aspect_ratio_ids.data(), aspect_ratio_ids.size());
+    in["aspect_ratio_mask"] =
+        upload_input(*vit_, "aspect_ratio_mask", aspect_ratio_mask.data(), aspect_ratio_mask.size());
     image_ready_ = false;
-    vit_states_ = launch(vit, in, {&vit_out_})[0];
+    vit_states_ = launch(*vit_, in, {&vit_out_})[0];
     image_ready_ = true;
     last_vit_ms = ms_since(t0);
   }
 
   void clear_image() { image_ready_ = false; }
 
-  // The whole (padded) prompt in one pass. Cross layers run when a cross-attention mask is
-  // given (an image is in the prompt); text-only prompts skip them, as transformers does.
-  int prefill(const std::vector<int32_t>& input_ids, const std::vector<int32_t>& position_ids,
-              const std::vector<float>& attention_mask, int token_count,
-              const std::optional<std::vector<float>>& cross_attention_mask,
-              const std::optional<std::vector<float>>& text_row_mask,
-              const std::optional<std::vector<float>>& decode_cross_mask, float decode_text_row) {
+ private:
+  // =======================================================================================
+  // 8. The layer pass: every layer once, for a prompt (prefill) or one token (decode)
+  // =======================================================================================
+  // Self layers read positions and the causal mask; prefill writes their K/V into the cache
+  // whole, decode reads the cache and appends the new row at slot `slot`. Cross layers read the
+  // cross mask and text rows, and run only when the prompt has an image: prefill computes their
+  // K/V from the vision states, decode reads them.
+  View run_layers(bool decode, View h, int slot) {
+    StepBuffers& b = decode ? decode_buf_ : prefill_buf_;
+    const size_t kv_row = static_cast<size_t>(dims.kv_heads) * dims.head_dim;
+    int next = 1;
+    for (int i = 0; i < dims.layers; ++i) {
+      const Layer& l = layers_[i];
+      if (l.cross && !kv_.has_cross) continue;
+      Net& n = decode ? *l.decode : *l.prefill;
+      const std::string tag = " of layer " + std::to_string(i);
+      std::map<std::string, View> in{{"input_states", h}};
+      std::vector<const DeviceMem*> out{&b.hidden[next]};
+      // Prefill writes K/V straight into the cache when the dtypes agree, else converts after.
+      const bool direct = !decode && n.out_dtype(1) == kv_.layer[i].dtype && n.out_dtype(2) == kv_.layer[i].dtype;
+      if (!decode) out.push_back(direct ? &kv_.layer[i].k : nullptr), out.push_back(direct ? &kv_.layer[i].v : nullptr);
+      if (l.cross) {
+        in["text_row_mask"] = b.text_rows;
+        in["attention_mask"] = b.cross_attention;
+        if (decode)
+          in["cross_k"] = kv_.k(i), in["cross_v"] = kv_.v(i);
+        else
+          in["cross_attention_states"] = vit_states_;
+      } else {
+        in["position_ids"] = b.positions;
+        in["attention_mask"] = b.self_attention;
+        if (decode) in["history_k"] = kv_.k(i), in["history_v"] = kv_.v(i);
+      }
+      const std::vector<View> o = launch(n, in, out);
+      if (!decode && !direct) {
+        copy(o[1], 0, kv_.layer[i].k.mem(), kv_.layer[i].dtype, 0, o[1].count, "K" + tag);
+        copy(o[2], 0, kv_.layer[i].v.mem(), kv_.layer[i].dtype, 0, o[2].count, "V" + tag);
+      }
+      if (decode && !l.cross) {  // the new token's K/V become cache row `slot`
+        copy(o[1], 0, kv_.layer[i].k.mem(), kv_.layer[i].dtype, slot * kv_row, kv_row, "K cache" + tag);
+        copy(o[2], 0, kv_.layer[i].v.mem(), kv_.layer[i].dtype, slot * kv_row, kv_row, "V cache" + tag);
+      }
+      h = o[0];
+      next = 1 - next;
+    }
+    return h;
+  }
+
+  // =======================================================================================
+  // 9. Prefill, decode and the token heads
+  // =======================================================================================
+ public:
+  // What Python's PrefillInputs holds, flattened (mllama_tpu/inputs.py defines every value).
+  struct Prompt {
+    std::vector<int32_t> input_ids, position_ids;
+    std::vector<float> attention_mask;
+    int num_tokens = 0;
+    std::optional<std::vector<float>> cross_attention_mask, text_row_mask, decode_cross_mask;
+    float decode_text_row = 1.0f;
+  };
+  // The penalty_sample_head's inputs besides the logits (mllama_tpu/sampling.py); none: greedy.
+  struct SampleInputs {
+    std::vector<int32_t> recent_ids;
+    float top_p = 1.0f, temperature = 1.0f, repeat_penalty = 1.0f;
+  };
+  // What a step returns: the greedy head's token, or the sampling head's K candidates.
+  struct HeadOutput {
+    int token = -1;
+    std::vector<float> probs;
+    std::vector<int32_t> tokens;
+  };
+
+  HeadOutput prefill(const Prompt& p, const std::optional<SampleInputs>& sample) {
     require_ready();
     const auto t0 = std::chrono::steady_clock::now();
-    const size_t seq = SEQLEN, tp = static_cast<size_t>(MAX_TILES) * NUM_PATCHES;
-    if (token_count < 1 || token_count > SEQLEN)
-      throw std::invalid_argument("token_count " + std::to_string(token_count) + " is outside 1.." +
-                                  std::to_string(SEQLEN) + " (SEQLEN of the bmodel)");
-    expect_count("input_ids", input_ids.size(), seq);
-    expect_count("position_ids", position_ids.size(), seq);
-    expect_count("attention_mask", attention_mask.size(), seq * seq);
-    const bool with_image = cross_attention_mask.has_value();
+    const size_t seq = dims.seq, tp = static_cast<size_t>(dims.max_tiles) * dims.patches;
+    if (p.num_tokens < 1 || p.num_tokens > dims.seq)
+      throw std::invalid_argument("num_tokens " + std::to_string(p.num_tokens) + " is outside 1.." +
+                                  std::to_string(dims.seq) + " (SEQLEN of the bmodel)");
+    expect_count("input_ids", p.input_ids.size(), seq);
+    expect_count("position_ids", p.position_ids.size(), seq);
+    expect_count("attention_mask", p.attention_mask.size(), seq * seq);
+    const bool with_image = p.cross_attention_mask.has_value();
     if (with_image) {
       if (!image_ready_) fail("prefill with a cross-attention mask but no image encoded: call encode_image first");
-      if (!text_row_mask || !decode_cross_mask)
-        throw std::invalid_argument("an image prompt needs text_row_mask and decode_cross_mask too");
-      expect_count("cross_attention_mask", cross_attention_mask->size(), seq * tp);
-      expect_count("text_row_mask", text_row_mask->size(), seq);
-      expect_count("decode_cross_mask", decode_cross_mask->size(), tp);
+      if (!p.text_row_mask || !p.decode_cross_mask)
+        throw std::invalid_argument("an image prompt needs text_row_mask and decode_cross_attention_mask too");
+      expect_count("cross_attention_mask", p.cross_attention_mask->size(), seq * tp);
+      expect_count("text_row_mask", p.text_row_mask->size(), seq);
+      expect_count("decode_cross_attention_mask", p.decode_cross_mask->size(), tp);
     }
     // Until this prefill completes, decode refuses to run on a half-written cache.
-    cross_ready_ = false;
-    history_.clear();
+    kv_.filled = 0;
+    kv_.has_cross = with_image;
 
-    Net& emb = net("embedding");
-    View h = launch(emb, {{"input_ids", upload_input(emb, "input_ids", input_ids.data(), seq)}},
-                    {&shared_.at("hidden_a")})[0];
-    const View pos = upload(position_ids.data(), seq, consumer_dtype(true, false, "position_ids"),
-                            shared_.at("position_ids"), "prefill position ids");
-    const View mask = upload(attention_mask.data(), seq * seq, consumer_dtype(true, false, "attention_mask"),
-                             shared_.at("self_mask"), "prefill attention mask");
-    View xmask, rows;
+    StepBuffers& b = prefill_buf_;
+    View h = launch(*embedding_, {{"input_ids", upload_input(*embedding_, "input_ids", p.input_ids.data(), seq)}},
+                    {&b.hidden[0]})[0];
+    b.positions = upload(p.position_ids.data(), seq, reader_dtype(false, false, "position_ids"), b.position_ids,
+                         "prefill position ids");
+    b.self_attention = upload(p.attention_mask.data(), seq * seq, reader_dtype(false, false, "attention_mask"),
+                              b.self_mask, "prefill attention mask");
     if (with_image) {
-      xmask = upload(cross_attention_mask->data(), seq * tp, consumer_dtype(true, true, "attention_mask"),
-                     shared_.at("cross_mask"), "prefill cross-attention mask");
-      rows = upload(text_row_mask->data(), seq, consumer_dtype(true, true, "text_row_mask"), shared_.at("row_mask"),
-                    "prefill text row mask");
+      b.cross_attention = upload(p.cross_attention_mask->data(), seq * tp, reader_dtype(false, true, "attention_mask"),
+                                 b.cross_mask, "prefill cross-attention mask");
+      b.text_rows = upload(p.text_row_mask->data(), seq, reader_dtype(false, true, "text_row_mask"), b.text_row_mask,
+                           "prefill text row mask");
+      // Every decode step of this prompt reads the same cross row: uploaded once, here.
+      StepBuffers& d = decode_buf_;
+      d.cross_attention = upload(p.decode_cross_mask->data(), tp, reader_dtype(true, true, "attention_mask"),
+                                 d.cross_mask, "decode cross-attention mask");
+      d.text_rows = upload(&p.decode_text_row, 1, reader_dtype(true, true, "text_row_mask"), d.text_row_mask,
+                           "decode text row mask");
     }
-    bool in_a = true;  // ping-pong: which hidden buffer holds the current state
-    for (int i = 0; i < NUM_LAYERS; ++i) {
-      if (is_cross_[i] && !with_image) continue;
-      Net& b = net("block_" + std::to_string(i));
-      const DeviceMem* next = &shared_.at(in_a ? "hidden_b" : "hidden_a");
-      if (is_cross_[i]) {
-        const bool direct = b.out_dtype(1) == cross_dtype_[i] && b.out_dtype(2) == cross_dtype_[i];
-        auto o = launch(b,
-                        {{"input_states", h}, {"cross_attention_states", vit_states_}, {"text_row_mask", rows},
-                         {"attention_mask", xmask}},
-                        {next, direct ? &cross_k_[i] : nullptr, direct ? &cross_v_[i] : nullptr});
-        if (!direct) store_whole(o[1], cross_k_[i], cross_dtype_[i], "cross K of layer " + std::to_string(i)),
-                     store_whole(o[2], cross_v_[i], cross_dtype_[i], "cross V of layer " + std::to_string(i));
-        h = o[0];
-      } else {
-        const bool direct = b.out_dtype(1) == cache_dtype_[i] && b.out_dtype(2) == cache_dtype_[i];
-        auto o = launch(b, {{"input_states", h}, {"position_ids", pos}, {"attention_mask", mask}},
-                        {next, direct ? &k_cache_[i] : nullptr, direct ? &v_cache_[i] : nullptr});
-        if (!direct) store_whole(o[1], k_cache_[i], cache_dtype_[i], "K cache of layer " + std::to_string(i)),
-                     store_whole(o[2], v_cache_[i], cache_dtype_[i], "V cache of layer " + std::to_string(i));
-        h = o[0];
-      }
-      in_a = !in_a;
-    }
-    // Decode state: next cache slot, next position id, ids seen (for the repeat penalty).
-    token_pos_ = token_count;
-    next_position_ = position_ids[token_count - 1] + 1;
-    history_.assign(input_ids.begin(), input_ids.begin() + token_count);
-    cross_ready_ = with_image;
-    if (with_image) {
-      decode_cross_mask_ = *decode_cross_mask;
-      decode_text_row_ = decode_text_row;
-    }
-    const int token = head(last_row_logits(h, token_count - 1, HIDDEN_SIZE));
+    h = run_layers(false, h, 0);
+    kv_.filled = p.num_tokens;
+    next_position_ = p.position_ids[p.num_tokens - 1] + 1;
+    HeadOutput out = heads(h, p.num_tokens - 1, sample);
     last_prefill_ms = ms_since(t0);
-    return token;
+    return out;
   }
 
- private:
-  static void expect_count(const char* what, size_t got, size_t want) {
-    if (got != want)
-      throw std::invalid_argument(std::string(what) + " has " + std::to_string(got) + " values; the bmodel takes " +
-                                  std::to_string(want));
-  }
-
-  void store_whole(const View& v, const DeviceMem& dst, bm_data_type_t dt, const std::string& what) {
-    copy(v, 0, dst.mem(), dt, 0, v.count, what);
-  }
-
-  // lm_head on row `row` of hidden states `h` ([rows, H]).
-  View last_row_logits(const View& h, size_t row, size_t hidden) {
-    Net& lm = net("lm_head");
-    const DeviceMem& s = stage(lm, false, 0);
-    copy(h, row * hidden, s.mem(), lm.in_dtype(0), 0, hidden, "last hidden state into lm_head");
-    return launch(lm, {{"hidden_states", View{s.mem(), lm.in_dtype(0), hidden}}})[0];
-  }
-
-  // =======================================================================================
-  // 6. Decode
-  // =======================================================================================
-  int token_pos_ = 0;       // cache slot the next fed token occupies
-  int next_position_ = 0;   // its position id
-  std::vector<int32_t> history_;  // prompt + fed tokens
-  std::vector<float> decode_cross_mask_;
-  float decode_text_row_ = 1.0f;
-
- public:
-  // Feeds `token` (the last one generated) and returns the next one.
-  int decode(int token) {
+  // Feeds `token` (the last one generated) and returns what the head makes of the next one.
+  HeadOutput decode(int token, const std::optional<SampleInputs>& sample) {
     require_ready();
-    if (history_.empty()) fail("decode before prefill: call prefill first");
-    if (token_pos_ >= SEQLEN)
-      throw SeqlenReached("the KV cache is full (SEQLEN " + std::to_string(SEQLEN) +
-                          " tokens of this bmodel); start a new conversation or compile with a larger --seq_length");
+    if (kv_.filled == 0) fail("decode before prefill: call prefill first");
+    if (kv_.filled >= dims.seq)  // Python stops before this (Engine.is_full): a guard of the cache bounds
+      fail("the KV cache is full (SEQLEN " + std::to_string(dims.seq) + ")");
     const auto t0 = std::chrono::steady_clock::now();
-    Net& emb = net("embedding_cache");
+    StepBuffers& b = decode_buf_;
     const int32_t id = token;
-    View h = launch(emb, {{"input_ids", upload_input(emb, "input_ids", &id, 1)}}, {&shared_.at("dec_hidden_a")})[0];
-    const int32_t p = next_position_;
-    const View pos = upload(&p, 1, consumer_dtype(false, false, "position_ids"), shared_.at("dec_position"),
-                            "decode position id");
-    // Visible: the cache slots filled so far and the new token itself (last column).
-    std::vector<float> row(SEQLEN + 1, -10000.0f);
-    std::fill(row.begin(), row.begin() + token_pos_, 0.0f);
-    row[SEQLEN] = 0.0f;
-    const View mask = upload(row.data(), row.size(), consumer_dtype(false, false, "attention_mask"),
-                             shared_.at("dec_self_mask"), "decode attention mask");
-    View xmask, rows;
-    if (cross_ready_) {
-      xmask = upload(decode_cross_mask_.data(), decode_cross_mask_.size(), consumer_dtype(false, true, "attention_mask"),
-                     shared_.at("dec_cross_mask"), "decode cross-attention mask");
-      rows = upload(&decode_text_row_, 1, consumer_dtype(false, true, "text_row_mask"), shared_.at("dec_row_mask"),
-                    "decode text row mask");
-    }
-    const size_t kv_row = static_cast<size_t>(KV_HEADS) * HEAD_DIM;
-    bool in_a = true;
-    for (int i = 0; i < NUM_LAYERS; ++i) {
-      if (is_cross_[i] && !cross_ready_) continue;
-      Net& b = net("block_cache_" + std::to_string(i));
-      const DeviceMem* next = &shared_.at(in_a ? "dec_hidden_b" : "dec_hidden_a");
-      const std::string tag = " of layer " + std::to_string(i);
-      if (is_cross_[i]) {
-        const size_t n = static_cast<size_t>(MAX_TILES) * NUM_PATCHES * kv_row;
-        h = launch(b, {{"input_states", h}, {"text_row_mask", rows}, {"attention_mask", xmask},
-                       {"cross_k", View{cross_k_[i].mem(), cross_dtype_[i], n}},
-                       {"cross_v", View{cross_v_[i].mem(), cross_dtype_[i], n}}},
-                   {next})[0];
-      } else {
-        const size_t n = static_cast<size_t>(SEQLEN) * kv_row;
-        auto o = launch(b, {{"input_states", h}, {"position_ids", pos}, {"attention_mask", mask},
-                            {"history_k", View{k_cache_[i].mem(), cache_dtype_[i], n}},
-                            {"history_v", View{v_cache_[i].mem(), cache_dtype_[i], n}}},
-                        {next});
-        // The new token's K/V become cache row token_pos_.
-        copy(o[1], 0, k_cache_[i].mem(), cache_dtype_[i], token_pos_ * kv_row, kv_row, "K cache" + tag);
-        copy(o[2], 0, v_cache_[i].mem(), cache_dtype_[i], token_pos_ * kv_row, kv_row, "V cache" + tag);
-        h = o[0];
-      }
-      in_a = !in_a;
-    }
-    ++token_pos_, ++next_position_;
-    history_.push_back(token);
-    const int next_token = head(last_row_logits(h, 0, HIDDEN_SIZE));
+    View h = launch(*embedding_cache_, {{"input_ids", upload_input(*embedding_cache_, "input_ids", &id, 1)}},
+                    {&b.hidden[0]})[0];
+    const int32_t position = next_position_;
+    b.positions = upload(&position, 1, reader_dtype(true, false, "position_ids"), b.position_ids, "decode position id");
+    const std::vector<float> row = decode_self_mask(kv_.filled);
+    b.self_attention = upload(row.data(), row.size(), reader_dtype(true, false, "attention_mask"), b.self_mask,
+                              "decode attention mask");
+    h = run_layers(true, h, kv_.filled);
+    ++kv_.filled, ++next_position_;
+    HeadOutput out = heads(h, 0, sample);
     last_decode_ms = ms_since(t0);
-    return next_token;
+    return out;
   }
 
-  int position() const { return token_pos_; }
+  // The decode self-attention mask row at cache fill `filled`, by the contract's rule (the
+  // definition is mllama_tpu.inputs.decode_self_mask): the filled slots and the new token
+  // itself (last column) visible, the rest hidden.
+  std::vector<float> decode_self_mask(int filled) const {
+    std::vector<float> row(dims.seq + 1, contract_.mask_hidden);
+    std::fill(row.begin(), row.begin() + filled, contract_.mask_visible);
+    row[dims.seq] = contract_.mask_visible;
+    return row;
+  }
 
-  // =======================================================================================
-  // 7. Token heads
-  // =======================================================================================
-  void set_sampling(bool sample, float temperature, float top_p, int top_k, float repeat_penalty, int repeat_last_n,
-                    uint64_t seed) {
+  // What the device holds for the next decode step's cross layers: (cross mask row, text row).
+  std::pair<std::vector<double>, std::vector<double>> decode_cross_masks() {
     require_ready();
-    if (top_k < 1 || top_k > SAMPLE_K)
-      throw std::invalid_argument("top_k " + std::to_string(top_k) + " is outside 1.." + std::to_string(SAMPLE_K) +
-                                  " (the K the bmodel's penalty_sample_head was compiled with)");
-    if (!(top_p > 0.0f && top_p <= 1.0f)) throw std::invalid_argument("top_p must be in (0, 1]");
-    if (!(temperature >= 0.0f)) throw std::invalid_argument("temperature must be >= 0");
-    if (!(repeat_penalty > 0.0f)) throw std::invalid_argument("repeat_penalty must be > 0");
-    if (repeat_last_n < 0) throw std::invalid_argument("repeat_last_n must be >= 0");
-    // Temperature 0 is the limit of sampling: the most likely token, i.e. greedy.
-    sampling_ = SamplingConfig{sample && temperature > 0.0f, temperature, top_p, repeat_penalty, top_k, repeat_last_n};
-    rng_.seed(static_cast<std::mt19937::result_type>(seed));
+    if (!kv_.has_cross) return {};
+    return {download(decode_buf_.cross_attention, "decode cross-attention mask"),
+            download(decode_buf_.text_rows, "decode text row mask")};
   }
 
  private:
-  SamplingConfig sampling_;
-  std::mt19937 rng_{42};
-
-  int head(const View& logits) { return sampling_.sample ? sample_head(logits) : greedy_head(logits); }
-
-  int greedy_head(const View& logits) {
-    Net& g = net("greedy_head");
-    const View tok = launch(g, {{"logits", logits}})[0];
-    return static_cast<int>(download(tok, "token of greedy_head")[0]);
-  }
-
-  int sample_head(const View& logits) {
-    Net& s = net("penalty_sample_head");
-    // Recent ids: the last repeat_last_n ids seen, oldest first, padded in front by repeating
-    // the oldest (a repeated id is penalised once, so padding changes nothing; same layout as
-    // the ONNX reference engine). None wanted: penalty 1 (no-op).
-    const size_t r = static_cast<size_t>(RECENT_IDS);
-    const size_t take = std::min({static_cast<size_t>(sampling_.repeat_last_n), r, history_.size()});
-    std::vector<int32_t> recent(r, *(history_.end() - std::max<size_t>(take, 1)));
-    std::copy(history_.end() - take, history_.end(), recent.end() - take);
-    const float penalty = take ? sampling_.repeat_penalty : 1.0f;
-    auto o = launch(s, {{"logits", logits},
-                        {"recent_ids", upload_input(s, "recent_ids", recent.data(), r)},
-                        {"top_p", upload_input(s, "top_p", &sampling_.top_p, 1)},
-                        {"temperature", upload_input(s, "temperature", &sampling_.temperature, 1)},
-                        {"repeat_penalty", upload_input(s, "repeat_penalty", &penalty, 1)}});
-    const auto probs = download(o[0], "probs of penalty_sample_head");
-    const auto tokens = download(o[1], "tokens of penalty_sample_head");
-    // The head gives the K best candidates, best first, already top_p-filtered; keep top_k
-    // and draw on the host with the seeded generator (reproducible across runs).
-    const size_t k = std::min(static_cast<size_t>(sampling_.top_k), probs.size());
-    double total = 0;
-    for (size_t i = 0; i < k; ++i) total += std::max(0.0, probs[i]);
-    if (!(total > 0)) return static_cast<int>(tokens[0]);
-    const double u = (static_cast<double>(rng_() >> 5) / static_cast<double>(1u << 27)) * total;
-    double acc = 0;
-    for (size_t i = 0; i < k; ++i) {
-      acc += std::max(0.0, probs[i]);
-      if (u < acc) return static_cast<int>(tokens[i]);
+  // lm_head on row `row` of hidden states `h`, then the greedy or the sampling head.
+  HeadOutput heads(const View& h, size_t row, const std::optional<SampleInputs>& sample) {
+    const size_t hidden = dims.hidden;
+    const DeviceMem& s = stage(*lm_head_, false, 0);
+    copy(h, row * hidden, s.mem(), lm_head_->in_dtype(0), 0, hidden, "last hidden state into lm_head");
+    const View logits = launch(*lm_head_, {{"hidden_states", View{s.mem(), lm_head_->in_dtype(0), hidden}}})[0];
+    HeadOutput out;
+    if (!sample) {
+      const View tok = launch(*greedy_head_, {{"logits", logits}})[0];
+      out.token = static_cast<int>(download(tok, "token of greedy_head")[0]);
+      return out;
     }
-    return static_cast<int>(tokens[k - 1]);
+    Net& n = *sample_head_;
+    const auto o = launch(n, {{"logits", logits},
+                              {"recent_ids", upload_input(n, "recent_ids", sample->recent_ids.data(), sample->recent_ids.size())},
+                              {"top_p", upload_input(n, "top_p", &sample->top_p, 1)},
+                              {"temperature", upload_input(n, "temperature", &sample->temperature, 1)},
+                              {"repeat_penalty", upload_input(n, "repeat_penalty", &sample->repeat_penalty, 1)}});
+    for (double p : download(o[0], "probs of penalty_sample_head")) out.probs.push_back(static_cast<float>(p));
+    for (double t : download(o[1], "tokens of penalty_sample_head")) out.tokens.push_back(static_cast<int32_t>(t));
+    return out;
   }
 
  public:
@@ -972,10 +963,10 @@ class Engine {
       const int num = out ? n.info->output_num : n.info->input_num;
       for (int i = 0; i < num; ++i) {
         const bm_shape_t& s = out ? n.out_shape(i) : n.in_shape(i);
-        std::vector<int> dims(s.dims, s.dims + s.num_dims);
+        std::vector<int> dims_(s.dims, s.dims + s.num_dims);
         py::dict e;
         e["name"] = out ? n.info->output_names[i] : n.info->input_names[i];
-        e["shape"] = dims;
+        e["shape"] = dims_;
         e["dtype"] = dtype_name(out ? n.out_dtype(i) : n.in_dtype(i));
         l.append(e);
       }
@@ -1003,22 +994,77 @@ class Engine {
 };
 
 // =========================================================================================
-// 8. The Python binding
+// 10. The Python binding
 // =========================================================================================
 
 template <typename T>
-static std::vector<T> to_vec(const py::array_t<T, py::array::c_style | py::array::forcecast>& a) {
+static std::vector<T> to_vec(const py::handle& o) {
+  const auto a = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(o);
+  if (!a) throw std::invalid_argument("expected an array");
   return std::vector<T>(a.data(), a.data() + a.size());
 }
 
 template <typename T>
-static std::optional<std::vector<T>> to_opt_vec(const py::object& o) {
+static std::optional<std::vector<T>> to_opt_vec(const py::handle& o) {
   if (o.is_none()) return std::nullopt;
-  return to_vec<T>(py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(o));
+  return to_vec<T>(o);
 }
 
 using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+// mllama_tpu.inputs.PrefillInputs, read by its field names.
+static Mllama::Prompt prompt_from(const py::object& p) {
+  Mllama::Prompt r;
+  r.input_ids = to_vec<int32_t>(p.attr("input_ids"));
+  r.position_ids = to_vec<int32_t>(p.attr("position_ids"));
+  r.attention_mask = to_vec<float>(p.attr("attention_mask"));
+  r.num_tokens = p.attr("num_tokens").cast<int>();
+  r.cross_attention_mask = to_opt_vec<float>(p.attr("cross_attention_mask"));
+  r.text_row_mask = to_opt_vec<float>(p.attr("text_row_mask"));
+  r.decode_cross_mask = to_opt_vec<float>(p.attr("decode_cross_attention_mask"));
+  const auto row = to_opt_vec<float>(p.attr("decode_text_row_mask"));
+  if (row && !row->empty()) r.decode_text_row = (*row)[0];
+  return r;
+}
+
+// mllama_tpu.sampling.SampleHeadInputs (or None: greedy), read by its field names.
+static std::optional<Mllama::SampleInputs> sample_from(const py::object& s) {
+  if (s.is_none()) return std::nullopt;
+  Mllama::SampleInputs r;
+  r.recent_ids = to_vec<int32_t>(s.attr("recent_ids"));
+  r.top_p = to_vec<float>(s.attr("top_p")).at(0);
+  r.temperature = to_vec<float>(s.attr("temperature")).at(0);
+  r.repeat_penalty = to_vec<float>(s.attr("repeat_penalty")).at(0);
+  return r;
+}
+
+static py::object head_result(const Mllama::HeadOutput& o) {
+  if (o.token >= 0) return py::int_(o.token);
+  py::array_t<float> probs(o.probs.size());
+  py::array_t<int32_t> tokens(o.tokens.size());
+  std::copy(o.probs.begin(), o.probs.end(), probs.mutable_data());
+  std::copy(o.tokens.begin(), o.tokens.end(), tokens.mutable_data());
+  return py::make_tuple(probs, tokens);
+}
+
+// mllama_tpu.contract.engine_spec().
+static Contract contract_from(const py::dict& spec) {
+  Contract c;
+  auto shapes = [](const py::handle& table) {
+    std::map<std::string, NetShape> out;
+    for (const auto& kv : table.cast<py::dict>()) {
+      const auto entry = kv.second.cast<py::sequence>();
+      out[kv.first.cast<std::string>()] = NetShape{entry[0].cast<std::vector<std::string>>(), entry[1].cast<int>()};
+    }
+    return out;
+  };
+  c.heads = shapes(spec["heads"]);
+  c.blocks = shapes(spec["blocks"]);
+  c.mask_visible = spec["mask_visible"].cast<float>();
+  c.mask_hidden = spec["mask_hidden"].cast<float>();
+  return c;
+}
 
 // The host conversions the engine falls back on when two nets disagree on a dtype, exposed so
 // tests can hold them against numpy/torch: f32 values -> dtype -> f32, and the raw 16-bit codes.
@@ -1029,8 +1075,8 @@ static py::tuple host_roundtrip(const F32& values, const std::string& dtype) {
   else if (dtype == "f32") dt = BM_FLOAT32;
   else throw std::invalid_argument("dtype must be f32, f16 or bf16, got '" + dtype + "'");
   const size_t n = static_cast<size_t>(values.size());
-  const auto raw = encode(values.data(), n, dt);
-  const auto back = decode_raw(raw.data(), n, dt);
+  const auto raw = to_device_bytes(values.data(), n, dt);
+  const auto back = from_device_bytes(raw.data(), n, dt);
   py::array_t<float> out(n);
   for (size_t i = 0; i < n; ++i) out.mutable_data()[i] = static_cast<float>(back[i]);
   py::array_t<uint16_t> codes(dt == BM_FLOAT32 ? 0 : n);
@@ -1040,7 +1086,6 @@ static py::tuple host_roundtrip(const F32& values, const std::string& dtype) {
 
 PYBIND11_MODULE(chat, m) {
   m.doc() = "mllama-tpu engine: Llama-3.2-Vision bmodel on a BM1684X (or its simulator) through libbmrt";
-  py::register_exception<SeqlenReached>(m, "SeqlenReached", PyExc_RuntimeError);
 #ifdef MLLAMA_CMODEL
   // The simulator says goodbye on stdout from its exit-time destructors, after Python is done.
   // A Python atexit handler (they run before those) flushes Python's stdout and then points
@@ -1057,31 +1102,38 @@ PYBIND11_MODULE(chat, m) {
   }));
 #endif
 
-  py::class_<Engine>(m, "Engine")
+  py::class_<Mllama>(m, "Mllama")
       .def(py::init<>())
-      .def("init", &Engine::init, py::arg("devids"), py::arg("bmodel_path"),
-           py::call_guard<py::gil_scoped_release>(), "Open the device(s) and load the bmodel.")
-      .def("deinit", &Engine::deinit, "Free device memory, the runtime and the device.")
-      .def_property_readonly("ready", &Engine::ready)
-      .def_readonly("SEQLEN", &Engine::SEQLEN)
-      .def_readonly("HIDDEN_SIZE", &Engine::HIDDEN_SIZE)
-      .def_readonly("NUM_LAYERS", &Engine::NUM_LAYERS)
-      .def_readonly("KV_HEADS", &Engine::KV_HEADS)
-      .def_readonly("HEAD_DIM", &Engine::HEAD_DIM)
-      .def_readonly("MAX_TILES", &Engine::MAX_TILES)
-      .def_readonly("NUM_PATCHES", &Engine::NUM_PATCHES)
-      .def_readonly("TILE_SIZE", &Engine::TILE_SIZE)
-      .def_readonly("VOCAB_SIZE", &Engine::VOCAB_SIZE)
-      .def_readonly("SAMPLE_K", &Engine::SAMPLE_K)
-      .def_readonly("RECENT_IDS", &Engine::RECENT_IDS)
-      .def_readonly("cross_layers", &Engine::cross_layers)
-      .def_readonly("last_vit_ms", &Engine::last_vit_ms)
-      .def_readonly("last_prefill_ms", &Engine::last_prefill_ms)
-      .def_readonly("last_decode_ms", &Engine::last_decode_ms)
-      .def_property_readonly("position", &Engine::position)
+      .def(
+          "init",
+          [](Mllama& e, int devid, const std::string& path, const py::dict& contract) {
+            const Contract c = contract_from(contract);
+            py::gil_scoped_release unlocked;
+            e.init(devid, path, c);
+          },
+          py::arg("devid"), py::arg("bmodel_path"), py::arg("contract"),
+          "Open device `devid`, load the bmodel and check it against the contract (mllama_tpu.contract.engine_spec()).")
+      .def("deinit", &Mllama::deinit, "Free device memory, the runtime and the device.")
+      .def_property_readonly("ready", &Mllama::ready)
+      .def_property_readonly("SEQLEN", [](const Mllama& e) { return e.dims.seq; })
+      .def_property_readonly("HIDDEN_SIZE", [](const Mllama& e) { return e.dims.hidden; })
+      .def_property_readonly("NUM_LAYERS", [](const Mllama& e) { return e.dims.layers; })
+      .def_property_readonly("KV_HEADS", [](const Mllama& e) { return e.dims.kv_heads; })
+      .def_property_readonly("HEAD_DIM", [](const Mllama& e) { return e.dims.head_dim; })
+      .def_property_readonly("MAX_TILES", [](const Mllama& e) { return e.dims.max_tiles; })
+      .def_property_readonly("NUM_PATCHES", [](const Mllama& e) { return e.dims.patches; })
+      .def_property_readonly("TILE_SIZE", [](const Mllama& e) { return e.dims.tile_size; })
+      .def_property_readonly("VOCAB_SIZE", [](const Mllama& e) { return e.dims.vocab; })
+      .def_property_readonly("SAMPLE_K", [](const Mllama& e) { return e.dims.sample_k; })
+      .def_property_readonly("RECENT_IDS", [](const Mllama& e) { return e.dims.recent_ids; })
+      .def_readonly("cross_layers", &Mllama::cross_layers)
+      .def_readonly("last_vit_ms", &Mllama::last_vit_ms)
+      .def_readonly("last_prefill_ms", &Mllama::last_prefill_ms)
+      .def_readonly("last_decode_ms", &Mllama::last_decode_ms)
+      .def_property_readonly("position", &Mllama::position)
       .def(
           "encode_image",
-          [](Engine& e, const F32& pixel_values, const I32& aspect_ratio_ids, const I32& aspect_ratio_mask) {
+          [](Mllama& e, const F32& pixel_values, const I32& aspect_ratio_ids, const I32& aspect_ratio_mask) {
             auto pv = to_vec<float>(pixel_values);
             auto ids = to_vec<int32_t>(aspect_ratio_ids);
             auto am = to_vec<int32_t>(aspect_ratio_mask);
@@ -1090,42 +1142,43 @@ PYBIND11_MODULE(chat, m) {
           },
           py::arg("pixel_values"), py::arg("aspect_ratio_ids"), py::arg("aspect_ratio_mask"),
           "Run the vision encoder; its output stays in device memory for the next prefills.")
-      .def("clear_image", &Engine::clear_image)
+      .def("clear_image", &Mllama::clear_image)
       .def(
           "prefill",
-          [](Engine& e, const I32& input_ids, const I32& position_ids, const F32& attention_mask, int token_count,
-             const py::object& cross_attention_mask, const py::object& text_row_mask,
-             const py::object& decode_cross_mask, float decode_text_row) {
-            auto ids = to_vec<int32_t>(input_ids);
-            auto pos = to_vec<int32_t>(position_ids);
-            auto mask = to_vec<float>(attention_mask);
-            auto xmask = to_opt_vec<float>(cross_attention_mask);
-            auto rows = to_opt_vec<float>(text_row_mask);
-            auto dmask = to_opt_vec<float>(decode_cross_mask);
-            py::gil_scoped_release unlocked;
-            return e.prefill(ids, pos, mask, token_count, xmask, rows, dmask, decode_text_row);
+          [](Mllama& e, const py::object& prompt, const py::object& sample) {
+            const Mllama::Prompt p = prompt_from(prompt);
+            const auto s = sample_from(sample);
+            Mllama::HeadOutput o;
+            {
+              py::gil_scoped_release unlocked;
+              o = e.prefill(p, s);
+            }
+            return head_result(o);
           },
-          py::arg("input_ids"), py::arg("position_ids"), py::arg("attention_mask"), py::arg("token_count"),
-          py::arg("cross_attention_mask") = py::none(), py::arg("text_row_mask") = py::none(),
-          py::arg("decode_cross_mask") = py::none(), py::arg("decode_text_row") = 1.0f,
-          "Run the padded prompt; returns the first generated token. No cross mask: text-only (cross layers skipped).")
-      .def("decode", &Engine::decode, py::arg("token"), py::call_guard<py::gil_scoped_release>(),
-           "Feed the last token, return the next; raises SeqlenReached when the cache is full.")
+          py::arg("prompt"), py::arg("sample") = py::none(),
+          "Run a PrefillInputs; returns greedy_head's token, or with SampleHeadInputs penalty_sample_head's "
+          "(probs, tokens). No cross mask: text-only (cross layers skipped).")
       .def(
-          "set_sampling",
-          [](Engine& e, const std::string& mode, float temperature, float top_p, int top_k, float repeat_penalty,
-             int repeat_last_n, uint64_t seed) {
-            if (mode != "greedy" && mode != "penalty_sample")
-              throw std::invalid_argument("sampling mode must be 'greedy' or 'penalty_sample', got '" + mode + "'");
-            e.set_sampling(mode == "penalty_sample", temperature, top_p, top_k, repeat_penalty, repeat_last_n, seed);
+          "decode",
+          [](Mllama& e, int token, const py::object& sample) {
+            const auto s = sample_from(sample);
+            Mllama::HeadOutput o;
+            {
+              py::gil_scoped_release unlocked;
+              o = e.decode(token, s);
+            }
+            return head_result(o);
           },
-          py::arg("mode") = "greedy", py::arg("temperature") = 1.0f, py::arg("top_p") = 1.0f, py::arg("top_k") = 1,
-          py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64, py::arg("seed") = 42)
-      .def("memory_info", &Engine::memory_info)
-      .def("net_io", &Engine::net_io, py::arg("name"))
-      .def("net_stats", &Engine::net_stats, py::arg("reset") = false,
+          py::arg("token"), py::arg("sample") = py::none(), "Feed the last token; returns as prefill.")
+      .def("decode_self_mask", &Mllama::decode_self_mask, py::arg("filled"),
+           "The self-attention mask row decode uploads when `filled` cache slots hold tokens.")
+      .def("decode_cross_masks", &Mllama::decode_cross_masks,
+           "(cross mask row, text row) the device holds for the next decode step; empty without an image.")
+      .def("memory_info", &Mllama::memory_info)
+      .def("net_io", &Mllama::net_io, py::arg("name"))
+      .def("net_stats", &Mllama::net_stats, py::arg("reset") = false,
            "{net: (launches, total ms)}: where device time goes (profiling, benchmarks).")
-      .def("net_names", &Engine::net_names);
+      .def("net_names", &Mllama::net_names);
   m.def("host_roundtrip", &host_roundtrip, py::arg("values"), py::arg("dtype"),
         "f32 values through the engine's host conversion to dtype and back: (values, 16-bit codes).");
 }

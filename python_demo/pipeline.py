@@ -21,26 +21,32 @@ if __name__ == "__main__":
 
     exec_with_preload([str(Path(__file__).resolve()), *sys.argv[1:]])
 
-from mllama_tpu import REPO_ROOT  # noqa: E402
-from mllama_tpu.chat import ChatSession, load_image, open_processor, run_interactive, run_scripted  # noqa: E402
-from mllama_tpu.engines import BACKENDS, GENERATION_MODES, SamplingParams, open_engine  # noqa: E402
+from mllama_tpu.engines import BACKENDS  # noqa: E402
 from mllama_tpu.errors import UserError, cli_main  # noqa: E402
+from mllama_tpu.images import load_image  # noqa: E402
+from mllama_tpu.sampling import GENERATION_MODES, SamplingParams  # noqa: E402
+from mllama_tpu.session import ChatSession, LoadedModel  # noqa: E402
+from mllama_tpu.terminal import run_interactive, run_scripted  # noqa: E402
+from mllama_tpu.token_config import default_token_config, open_processor  # noqa: E402
+
+DEFAULT_SAMPLING = SamplingParams()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = DEFAULT_SAMPLING
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model_path", required=True, help="NAME.bmodel, or an export dir with --backend onnx")
     p.add_argument("-t", "--tokenizer_path", default=None, help="token_config dir (default: next to the model)")
     p.add_argument("-i", "--image_path", default=None, help="image to talk about (omit for a text-only chat)")
-    p.add_argument("--devid", default="0", help="device id(s), comma separated (bmodel backend)")
-    p.add_argument("--temperature", type=float, default=1.0, help="penalty_sample: 0 means greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--repeat_penalty", type=float, default=1.0)
-    p.add_argument("--repeat_last_n", type=int, default=32)
+    p.add_argument("--devid", type=int, default=0, help="device id (bmodel backend)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="penalty_sample: 0 means greedy")
+    p.add_argument("--top_p", type=float, default=d.top_p)
+    p.add_argument("--top_k", type=int, default=d.top_k)
+    p.add_argument("--repeat_penalty", type=float, default=d.repeat_penalty)
+    p.add_argument("--repeat_last_n", type=int, default=d.repeat_last_n)
     p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--generation_mode", choices=GENERATION_MODES, default="greedy")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (penalty_sample)")
+    p.add_argument("--generation_mode", choices=GENERATION_MODES, default=d.mode)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the sampler (penalty_sample)")
     p.add_argument("--enable_history", action="store_true", help="later turns see the earlier ones")
     p.add_argument("--backend", choices=BACKENDS, default="bmodel")
     p.add_argument("-q", "--question", action="append", default=None, help="ask this (repeatable) and exit")
@@ -48,20 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def default_token_config(model: Path) -> Path:
-    """The token_config/ that belongs to the model if there is one beside it, else the repo's."""
-    beside = model / "token_config" if model.is_dir() else model.parent / "token_config"
-    return beside if beside.is_dir() else REPO_ROOT / "token_config"
-
-
-def parse_devids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--devid {text!r} is not a device id list: use e.g. 0 or 0,1") from None
-    if not ids or any(i < 0 for i in ids):
-        raise UserError(f"--devid {text!r} is not a device id list: use e.g. 0 or 0,1")
-    return ids
+def sampling_from(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(args.generation_mode, args.temperature, args.top_p, args.top_k,
+                          args.repeat_penalty, args.repeat_last_n, args.seed).validated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,29 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.json and not args.question:
         raise UserError("--json needs at least one -q QUESTION")
-    sampling = SamplingParams(
-        args.generation_mode, args.temperature, args.top_p, args.top_k,
-        args.repeat_penalty, args.repeat_last_n, args.seed,
-    )
-    try:
-        sampling.validate()
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    if args.devid < 0:
+        raise UserError(f"--devid {args.devid} is not a device id: use 0, 1, ...")
+    sampling = sampling_from(args)
     model = Path(args.model_path)
     if not model.exists():
         raise UserError(f"model {model} not found: pass a NAME.bmodel (or an export dir with --backend onnx)")
     # Everything that can be checked without the model first: loading it may take long.
-    if args.image_path is not None:
-        load_image(args.image_path)
+    image = load_image(args.image_path) if args.image_path is not None else None
     token_config = Path(args.tokenizer_path) if args.tokenizer_path else default_token_config(model)
     processor = open_processor(token_config)
-    devids = parse_devids(args.devid)
 
-    engine = open_engine(args.backend, model, devids)
-    session = ChatSession.create(engine, token_config, args.max_new_tokens, args.enable_history, processor)
-    session.set_sampling(sampling)
-    if args.image_path is not None:
-        session.set_image(args.image_path)
+    loaded = LoadedModel.open(args.backend, model, token_config, args.devid, processor)
+    session = ChatSession(loaded, args.max_new_tokens, args.enable_history, sampling)
+    if image is not None:
+        session.set_image(args.image_path, image)
 
     if args.question:
         return run_scripted(session, args.question, args.json)

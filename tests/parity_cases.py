@@ -11,7 +11,7 @@ import random
 import torch
 
 from mllama_tpu.generate import Generation, generate
-from mllama_tpu.inputs import image_inputs_from, pad_token_id, prefill_inputs, process, user_message
+from mllama_tpu.inputs import pad_token_id, prefill_inputs, prepare_image, prompt_features, user_message
 from mllama_tpu.tiny import data
 from mllama_tpu.tiny.config import TILE_SIZE
 from mllama_tpu.tiny.task import LAYOUTS
@@ -68,10 +68,12 @@ def hf_generate(model, processor, case: Case, max_new_tokens: int) -> list[int]:
 
 
 def engine_generate(engine, processor, case: Case, max_new_tokens: int, eos: list[int]) -> Generation:
-    """The same case through mllama_tpu.inputs + mllama_tpu.generate on any Engine."""
-    f = process(processor, case.messages, case.image)
-    if case.scene is not None:
-        engine.encode_image(image_inputs_from(f))
+    """The same case through the runtime's own input path (the image processor once, then the
+    prompt) and mllama_tpu.generate on any Engine."""
+    image = prepare_image(processor, case.image) if case.scene is not None else None
+    if image is not None:
+        engine.encode_image(image)
+    f = prompt_features(processor, case.messages, image)
     p = prefill_inputs(f["input_ids"][0], engine.seq_length, pad_token_id(processor),
                        f.get("cross_attention_mask"), engine.num_patches, engine.max_tiles)
     return generate(engine, p, eos, max_new_tokens)

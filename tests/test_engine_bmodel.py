@@ -16,7 +16,17 @@ import torch
 from mllama_tpu.engines.bmodel import BmodelEngine
 from mllama_tpu.engines.onnx import OnnxEngine
 from mllama_tpu.generate import STOP_EOS, STOP_SEQLEN, generate
-from mllama_tpu.inputs import image_inputs_from, load_processor, prefill_inputs, process
+from mllama_tpu.inputs import (
+    decode_self_mask,
+    load_processor,
+    pad_token_id,
+    prefill_inputs,
+    prepare_image,
+    process,
+    prompt_features,
+)
+from mllama_tpu.manifest import token_facts
+from mllama_tpu.sampling import SamplingParams
 from mllama_tpu.tiny.task import LAYOUTS
 from tests.parity_cases import Case, engine_generate, hf_generate, make_cases
 
@@ -36,7 +46,7 @@ def bmodel_path(tiny_bmodel):
 
 @pytest.fixture(scope="module")
 def engine(bmodel_path):
-    e = BmodelEngine(bmodel_path, [0])
+    e = BmodelEngine(bmodel_path)
     yield e
     e.close()
 
@@ -84,15 +94,16 @@ def test_dims_come_from_the_bmodel(engine, hf_model, tiny_onnx_dir):
     assert engine.sample_k == manifest["sampling"]["top_k"]
     assert engine.memory["engine_bytes"] > 0
     # not in the bmodel: from the token_config/ the compile step writes beside it
-    assert engine.image_token_id == hf_model.config.image_token_index
-    assert set(hf_model.generation_config.eos_token_id) <= set(engine.eos_token_ids)
+    facts = token_facts(engine.model_dir)
+    assert facts.image_token_id == hf_model.config.image_token_index
+    assert set(hf_model.generation_config.eos_token_id) <= set(facts.eos_ids)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_greedy_matches_transformers_and_onnx(engine, onnx_engine, processor, hf_model, case):
     eos = list(hf_model.generation_config.eos_token_id)
-    engine.set_sampling("greedy")
-    onnx_engine.set_sampling("greedy")
+    engine.set_sampling(SamplingParams())
+    onnx_engine.set_sampling(SamplingParams())
     want = hf_generate(hf_model, processor, case, MAX_NEW_TOKENS)
     got = engine_tokens(engine, processor, case, MAX_NEW_TOKENS, eos)
     ref = engine_tokens(onnx_engine, processor, case, MAX_NEW_TOKENS, eos)
@@ -103,12 +114,51 @@ def test_greedy_matches_transformers_and_onnx(engine, onnx_engine, processor, hf
     assert got == want, f"{case.name}: bmodel {got} != transformers {want}"
 
 
+MASK_CASES = [c for c in CASES if c.name in ("layout1x2", "text_only", "two_turns0")]
+
+
+@pytest.mark.parametrize("case", MASK_CASES, ids=[c.name for c in MASK_CASES])
+def test_device_masks_are_the_python_definition(engine, processor, case):
+    """The masks the C++ engine gives the decode nets equal mllama_tpu.inputs', for an image
+    prompt, a text-only prompt and a two-turn prompt: the cross row and text row uploaded at
+    prefill, and the self-attention row it builds each step by the contract's rule."""
+    image = prepare_image(processor, case.image) if case.scene is not None else None
+    if image is not None:
+        engine.encode_image(image)
+    f = prompt_features(processor, case.messages, image)
+    p = prefill_inputs(f["input_ids"][0], engine.seq_length, pad_token_id(processor), f.get("cross_attention_mask"),
+                       engine.num_patches, engine.max_tiles)
+    engine.set_sampling(SamplingParams())
+    engine.decode(engine.prefill(p))
+    cross, rows = engine._e.decode_cross_masks()
+    if p.has_image:
+        assert np.array_equal(np.asarray(cross, np.float32), p.decode_cross_attention_mask.ravel())
+        assert np.array_equal(np.asarray(rows, np.float32), p.decode_text_row_mask.ravel())
+    else:
+        assert len(cross) == len(rows) == 0
+    seq = engine.seq_length
+    for filled in sorted({0, 1, p.num_tokens, engine.position, seq - 1, seq}):
+        assert np.array_equal(np.asarray(engine._e.decode_self_mask(filled), np.float32),
+                              decode_self_mask(filled, seq).ravel()), filled
+
+
+def test_penalty_sampling_equals_the_onnx_engine(engine, onnx_engine, processor):
+    """One host-side draw for both engines: the same seed gives the same sampled answer."""
+    params = SamplingParams("penalty_sample", temperature=1.2, top_p=0.9, top_k=20, repeat_penalty=1.1,
+                            repeat_last_n=8, seed=21)
+    for e in (engine, onnx_engine):
+        e.set_sampling(params)
+    case = CASES[1]
+    assert engine_tokens(engine, processor, case, MAX_NEW_TOKENS, eos=[]) == \
+        engine_tokens(onnx_engine, processor, case, MAX_NEW_TOKENS, eos=[])
+
+
 def test_penalty_sampling_same_seed_same_tokens(engine, processor):
     case = CASES[-1]  # text-only: the cheapest prompt on the simulator
     runs = []
     for seed in (11, 11):
-        engine.set_sampling("penalty_sample", temperature=1.5, top_p=0.95, top_k=20, repeat_penalty=1.2,
-                         repeat_last_n=16, seed=seed)
+        engine.set_sampling(SamplingParams("penalty_sample", temperature=1.5, top_p=0.95, top_k=20, repeat_penalty=1.2,
+                         repeat_last_n=16, seed=seed))
         runs.append(engine_tokens(engine, processor, case, MAX_NEW_TOKENS, eos=[]))
     assert runs[0] == runs[1]
     assert all(0 <= t < engine.vocab_size for t in runs[0])
@@ -116,17 +166,17 @@ def test_penalty_sampling_same_seed_same_tokens(engine, processor):
 
 @pytest.fixture(scope="module")
 def text_greedy(engine, processor) -> list[int]:
-    engine.set_sampling("greedy")
+    engine.set_sampling(SamplingParams())
     return engine_tokens(engine, processor, CASES[-1], MAX_NEW_TOKENS, eos=[])
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1e-4])
 def test_temperature_to_zero_is_greedy(engine, processor, text_greedy, temperature):
     """0 switches to the greedy head; a tiny temperature makes the sampling head's draw one-hot."""
-    engine.set_sampling("penalty_sample", temperature=temperature, top_p=1.0, top_k=50, repeat_penalty=1.0,
-                        repeat_last_n=16, seed=3)
+    engine.set_sampling(SamplingParams("penalty_sample", temperature=temperature, top_p=1.0, top_k=50, repeat_penalty=1.0,
+                        repeat_last_n=16, seed=3))
     assert engine_tokens(engine, processor, CASES[-1], MAX_NEW_TOKENS, eos=[]) == text_greedy
-    engine.set_sampling("greedy")
+    engine.set_sampling(SamplingParams())
 
 
 def test_seqlen_is_reached_and_reported(engine, onnx_engine):
@@ -135,18 +185,19 @@ def test_seqlen_is_reached_and_reported(engine, onnx_engine):
     ids = np.arange(seq - 2) % 300 + 10
     out = {}
     for e in (engine, onnx_engine):
-        e.set_sampling("greedy")
+        e.set_sampling(SamplingParams())
         g = generate(e, prefill_inputs(ids, seq, 0), [], 100)
         assert g.stop_reason == STOP_SEQLEN and len(g.tokens) == 3
         out[type(e).__name__] = g.tokens
     assert out["BmodelEngine"] == out["OnnxEngine"]
-    with pytest.raises(engine.SeqlenReached, match="full"):
-        engine.decode(out["BmodelEngine"][-1])
+    for e in (engine, onnx_engine):
+        with pytest.raises(RuntimeError, match="full"):
+            e.decode(out["BmodelEngine"][-1])
 
 
 def test_image_prompt_needs_an_encoded_image(engine, processor):
     case = CASES[0]
-    engine.encode_image(image_inputs_from(process(processor, case.messages, case.image)))
+    engine.encode_image(prepare_image(processor, case.image))
     engine.clear_image()
     f = process(processor, case.messages, case.image)
     p = prefill_inputs(f["input_ids"][0], engine.seq_length, 0, f["cross_attention_mask"], engine.num_patches,
@@ -158,9 +209,10 @@ def test_image_prompt_needs_an_encoded_image(engine, processor):
 def test_wrong_input_size_is_a_value_error(engine):
     with pytest.raises(ValueError, match="takes"):
         engine._e.encode_image(np.zeros(7, np.float32), np.zeros(1, np.int32), np.zeros(4, np.int32))
-    with pytest.raises(ValueError, match="token_count"):
-        engine._e.prefill(np.zeros(engine.seq_length, np.int32), np.zeros(engine.seq_length, np.int32),
-                          np.zeros(engine.seq_length ** 2, np.float32), engine.seq_length + 1)
+    too_long = prefill_inputs(np.arange(4) + 10, engine.seq_length, 0)
+    too_long.num_tokens = engine.seq_length + 1
+    with pytest.raises(ValueError, match="num_tokens"):
+        engine._e.prefill(too_long)
 
 
 def test_simulator_debug_output_stays_off_stdout(bmodel_path, tmp_path):
@@ -174,7 +226,7 @@ def test_simulator_debug_output_stays_off_stdout(bmodel_path, tmp_path):
 import numpy as np
 from mllama_tpu.engines.bmodel import BmodelEngine
 from mllama_tpu.inputs import prefill_inputs
-e = BmodelEngine({str(bmodel_path)!r}, [0])
+e = BmodelEngine({str(bmodel_path)!r})
 print("token", e.prefill(prefill_inputs(np.arange(5) + 10, e.seq_length, 0)))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
@@ -197,14 +249,14 @@ print("token", e.prefill(prefill_inputs(np.arange(5) + 10, e.seq_length, 0)))
 def test_int4_bmodel_runs_with_bf16_device_tensors(tiny_bmodel, onnx_engine, processor):
     """int4 keeps hidden states, KV cache and cross states in bf16 on the device: the engine reads
     those dtypes from the bmodel, sizes its cache by them, and still starts the answer as f32 does."""
-    e = BmodelEngine(tiny_bmodel("int4"), [0])
+    e = BmodelEngine(tiny_bmodel("int4"))
     try:
         dtypes = {i["name"]: i["dtype"] for i in e.net_io("block_cache_0")["inputs"]}
         assert dtypes["history_k"] == dtypes["input_states"] == "bf16"
         case = CASES[1]
-        eos = list(onnx_engine.eos_token_ids)
-        onnx_engine.set_sampling("greedy")
-        e.set_sampling("greedy")
+        eos = token_facts(onnx_engine.model_dir).eos_ids
+        onnx_engine.set_sampling(SamplingParams())
+        e.set_sampling(SamplingParams())
         got = engine_tokens(e, processor, case, 3, eos)
         ref = engine_tokens(onnx_engine, processor, case, 3, eos)
         assert got[:2] == ref[:2], f"int4 {got} vs f32 onnx {ref}"
@@ -218,10 +270,10 @@ def test_other_modes_answer_like_the_f32_reference(tiny_bmodel, onnx_engine, pro
     """int4 has its own 100-pair gate (test_int4_accuracy.py); the other quantized modes, and int4
     with a W8 lm_head, must give the f32 reference's tokens on the parity cases, all but at most one."""
     eos = list(hf_model.generation_config.eos_token_id)
-    onnx_engine.set_sampling("greedy")
-    quantized = BmodelEngine(tiny_bmodel(mode, lm_head_w8), [0])
+    onnx_engine.set_sampling(SamplingParams())
+    quantized = BmodelEngine(tiny_bmodel(mode, lm_head_w8))
     try:
-        quantized.set_sampling("greedy")
+        quantized.set_sampling(SamplingParams())
         differ = [c.name for c in CASES
                   if engine_tokens(quantized, processor, c, MAX_NEW_TOKENS, eos)
                   != engine_tokens(onnx_engine, processor, c, MAX_NEW_TOKENS, eos)]

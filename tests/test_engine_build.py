@@ -81,11 +81,15 @@ def test_rpath_points_into_the_wheel_and_host_glibc_is_used(module_path):
 def test_module_imports_and_reports_its_interface(module_path):
     res = run_py("""
         import chat
-        e = chat.Engine()
-        print(issubclass(chat.SeqlenReached, RuntimeError), e.ready)
+        e = chat.Mllama()
+        print(e.ready, sorted(n for n in dir(e) if not n.startswith("_")))
     """)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["True", "False"]
+    ready, _, names = res.stdout.strip().partition(" ")
+    assert ready == "False"
+    for name in ("init", "deinit", "encode_image", "clear_image", "prefill", "decode", "decode_self_mask",
+                 "decode_cross_masks", "net_io", "net_stats", "memory_info", "SEQLEN", "position"):
+        assert f"'{name}'" in names, name
 
 
 def test_bad_device_id_is_an_exception_not_an_abort(module_path, tmp_path):
@@ -93,14 +97,15 @@ def test_bad_device_id_is_an_exception_not_an_abort(module_path, tmp_path):
         import chat
         from mllama_tpu.engines import open_engine
         from mllama_tpu.errors import UserError
-        e = chat.Engine()
+        from mllama_tpu.contract import engine_spec
+        e = chat.Mllama()
         try:
-            e.init([7], "{tmp_path / 'x.bmodel'}")
+            e.init(7, "{tmp_path / 'x.bmodel'}", engine_spec())
         except ValueError as err:
             print("ValueError:", err)
         open("{tmp_path / 'x.bmodel'}", "w").write("not a bmodel")
         try:
-            open_engine("bmodel", "{tmp_path / 'x.bmodel'}", [7])
+            open_engine("bmodel", "{tmp_path / 'x.bmodel'}", 7)
         except UserError as err:
             print("UserError:", err)
     """)
@@ -114,9 +119,10 @@ def test_unreadable_bmodel_is_an_exception(module_path, tmp_path):
     bad.write_bytes(b"\0" * 4096)
     res = run_py(f"""
         import chat
-        e = chat.Engine()
+        from mllama_tpu.contract import engine_spec
+        e = chat.Mllama()
         try:
-            e.init([0], "{bad}")
+            e.init(0, "{bad}", engine_spec())
         except RuntimeError as err:
             print("RuntimeError:", err)
         print("ready:", e.ready)
@@ -158,9 +164,10 @@ def non_contract_bmodel(tmp_path_factory) -> Path:
 def test_non_contract_bmodel_names_what_is_missing(module_path, non_contract_bmodel):
     res = run_py(f"""
         import chat
-        e = chat.Engine()
+        from mllama_tpu.contract import engine_spec
+        e = chat.Mllama()
         try:
-            e.init([0], "{non_contract_bmodel}")
+            e.init(0, "{non_contract_bmodel}", engine_spec())
         except ValueError as err:
             print("ValueError:", err)
         print("ready:", e.ready)

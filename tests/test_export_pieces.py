@@ -19,12 +19,13 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopKLogitsWarper, TopPLogitsWarper)
 from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
 
+from mllama_tpu.contract import MASK_HIDDEN
 from mllama_tpu.export import export_model
 from mllama_tpu.export.random_checkpoint import tiny_config, write_random_checkpoint
 
 SEQ = 24
 TOL = 1e-4
-NEG = -10000.0
+NEG = MASK_HIDDEN
 
 
 @pytest.fixture(scope="module")

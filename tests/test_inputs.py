@@ -19,7 +19,9 @@ from mllama_tpu.inputs import (
     load_processor,
     pad_token_id,
     prefill_inputs,
+    prepare_image,
     process,
+    prompt_features,
     user_message,
 )
 from mllama_tpu.tiny import data
@@ -184,3 +186,22 @@ def test_processor_tiles_must_match_engine(processor, dims):
     f = process(processor, [user_message("Hi", True)], image_of((1, 1)))
     with pytest.raises(ValueError, match="tiles"):
         prefill_inputs(f["input_ids"][0], SEQ, 0, f["cross_attention_mask"], dims["num_patches"], dims["max_tiles"] + 1)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_runtime_path_equals_the_processor(processor, layout):
+    """The session tiles an image once (prepare_image) and builds each prompt from the tiles
+    (prompt_features): the same arrays as one processor call on image and text together."""
+    convo = [user_message("What shape is it?", True), assistant_message("a circle"),
+             user_message("And the colour?", False)]
+    f = process(processor, convo, image_of(layout))
+    tiles = prepare_image(processor, image_of(layout))
+    g = prompt_features(processor, convo, tiles)
+    np.testing.assert_array_equal(tiles.pixel_values, f["pixel_values"][0, 0])
+    np.testing.assert_array_equal(tiles.aspect_ratio_ids.ravel(), f["aspect_ratio_ids"].ravel())
+    np.testing.assert_array_equal(tiles.aspect_ratio_mask.ravel(), f["aspect_ratio_mask"].ravel())
+    np.testing.assert_array_equal(g["input_ids"], f["input_ids"])
+    np.testing.assert_array_equal(g["cross_attention_mask"], f["cross_attention_mask"])
+    text_only = [user_message("Hi", False)]
+    np.testing.assert_array_equal(prompt_features(processor, text_only, None)["input_ids"],
+                                  process(processor, text_only, None)["input_ids"])

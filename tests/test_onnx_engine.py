@@ -10,6 +10,8 @@ import torch
 
 from mllama_tpu.engines.onnx import OnnxEngine
 from mllama_tpu.errors import UserError
+from mllama_tpu.manifest import token_facts
+from mllama_tpu.sampling import SamplingParams
 from mllama_tpu.generate import STOP_EOS, STOP_SEQLEN
 from mllama_tpu.inputs import load_processor, prefill_inputs, process
 from mllama_tpu.tiny.task import LAYOUTS
@@ -54,13 +56,14 @@ def test_engine_reads_dims_from_manifest(engine, hf_model):
     assert engine.hidden_size == cfg.text_config.hidden_size
     assert engine.max_tiles == cfg.vision_config.max_num_tiles
     assert engine.num_patches == (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + 1
-    assert engine.image_token_id == cfg.image_token_index
-    assert set(hf_model.generation_config.eos_token_id) <= set(engine.eos_token_ids)
+    facts = token_facts(engine.model_dir)
+    assert facts.image_token_id == cfg.image_token_index
+    assert set(hf_model.generation_config.eos_token_id) <= set(facts.eos_ids)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_greedy_matches_transformers(engine, processor, hf_model, case):
-    engine.set_sampling("greedy")
+    engine.set_sampling(SamplingParams())
     eos = list(hf_model.generation_config.eos_token_id)
     want = hf_generate(hf_model, processor, case, MAX_NEW_TOKENS)
     got = engine_generate(engine, processor, case, MAX_NEW_TOKENS, eos)
@@ -73,7 +76,7 @@ def test_toy_task_answers_are_correct(engine, processor, hf_model):
 
     The model's own gate is >= 95 % on held-out pairs; on these 11 at most one may miss.
     """
-    engine.set_sampling("greedy")
+    engine.set_sampling(SamplingParams())
     eos = list(hf_model.generation_config.eos_token_id)
     wrong = []
     asked = [c for c in CASES if c.expected]
@@ -87,7 +90,7 @@ def test_toy_task_answers_are_correct(engine, processor, hf_model):
 
 def test_generation_stops_at_seq_length(engine, processor):
     """Without an EOS the loop fills the KV cache exactly: SEQ - L + 1 tokens, then stops."""
-    engine.set_sampling("greedy")
+    engine.set_sampling(SamplingParams())
     case = CASES[0]
     got = engine_generate(engine, processor, case, 10_000, eos=[])
     L = len(process(processor, case.messages, case.image)["input_ids"][0])
@@ -110,7 +113,7 @@ def test_penalty_sampling_is_seeded(engine, processor):
     case = CASES[1]
     runs = []
     for seed in (7, 7, 8):
-        engine.set_sampling("penalty_sample", temperature=1.5, top_p=1.0, top_k=50, repeat_penalty=1.1, repeat_last_n=16, seed=seed)
+        engine.set_sampling(SamplingParams("penalty_sample", temperature=1.5, top_p=1.0, top_k=50, repeat_penalty=1.1, repeat_last_n=16, seed=seed))
         runs.append(engine_generate(engine, processor, case, 24, eos=[]).tokens)
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]

@@ -1,4 +1,4 @@
-"""The chat: python_demo/pipeline.py and mllama_tpu.chat, scripted and interactive, on a real engine.
+"""The chat: python_demo/pipeline.py and mllama_tpu.session / terminal, scripted and interactive, on a real engine.
 
 Backends: the CLI tests (subprocess: exit codes, streams, stdin/pty) run on `onnx` (the reference
 engine over the tiny export) and, as slow tests, on `bmodel` (the C++ engine on the simulator,
@@ -23,7 +23,11 @@ import pytest
 from PIL import Image
 
 from mllama_tpu import REPO_ROOT
-from mllama_tpu.chat import ChatSession, TextStream, load_image, run_interactive, run_scripted
+from mllama_tpu.images import load_image
+from mllama_tpu.session import ChatSession, LoadedModel
+from mllama_tpu.terminal import run_interactive, run_scripted
+from mllama_tpu.text_stream import TextStream
+from mllama_tpu.token_config import open_processor
 from mllama_tpu.engines import Engine, SamplingParams, open_engine
 from mllama_tpu.errors import UserError
 from mllama_tpu.tiny import data
@@ -45,8 +49,13 @@ def model_for(backend: str, tiny_onnx_dir: Path, tiny_bmodel) -> Path:
     return tiny_onnx_dir if backend == "onnx" else tiny_bmodel("f32")
 
 
+def chat_on(engine: Engine, token_config: Path, **settings) -> ChatSession:
+    """A chat session on an already loaded engine (tests share engines across sessions)."""
+    return ChatSession(LoadedModel.on(engine, open_processor(token_config), token_config), **settings)
+
+
 def make_engine(backend: str, tiny_onnx_dir: Path, tiny_bmodel) -> Engine:
-    return open_engine(backend, model_for(backend, tiny_onnx_dir, tiny_bmodel), [0])
+    return open_engine(backend, model_for(backend, tiny_onnx_dir, tiny_bmodel), 0)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -83,7 +92,7 @@ def token_config(tiny_onnx_dir) -> Path:
 @pytest.fixture()
 def session(engine, token_config):
     """A fresh greedy session (history off) on the shared engine."""
-    s = ChatSession.create(engine, token_config, max_new_tokens=16)
+    s = chat_on(engine, token_config, max_new_tokens=16)
     s.set_sampling(SamplingParams())
     return s
 
@@ -162,13 +171,13 @@ def test_scripted_json(backend, model_path, images, reference_engine, token_conf
         assert set(l) == {"question", "answer", "tokens", "ftl_s", "tps"}
         assert l["ftl_s"] > 0 and l["tps"] >= 0 and l["tokens"]
     # The CLI says what the reference says for the same conversation (greedy, history on).
-    s = ChatSession.create(reference_engine, token_config, max_new_tokens=n, enable_history=True)
+    s = chat_on(reference_engine, token_config, max_new_tokens=n, enable_history=True)
     s.set_sampling(SamplingParams())
     s.set_image(images["rgb"])
     for l in lines:
         turn = s.ask(l["question"])
         assert (l["answer"], l["tokens"]) == (turn.answer, turn.tokens)
-        assert turn.answer == s.tokenizer.decode(turn.tokens, skip_special_tokens=True)
+        assert turn.answer == s.model.tokenizer.decode(turn.tokens, skip_special_tokens=True)
 
 
 def test_cli_sampling_flags(backend, model_path, images):
@@ -271,10 +280,10 @@ def test_token_config_of_another_model_is_refused(engine, token_config, tmp_path
     proc.tokenizer.add_tokens([f"<extra_{i}>" for i in range(20)])
     proc.save_pretrained(tmp_path / "other")
     with pytest.raises(UserError, match="405 tokens but the model's vocabulary is 384"):
-        ChatSession.create(engine, tmp_path / "other")
+        chat_on(engine, tmp_path / "other")
     proc.tokenizer.save_pretrained(tmp_path / "tokenizer_only")  # no image processor
     with pytest.raises(UserError, match="tokenizer_only"):
-        ChatSession.create(engine, tmp_path / "tokenizer_only")
+        chat_on(engine, tmp_path / "tokenizer_only")
 
 
 @pytest.mark.slow
@@ -322,7 +331,7 @@ def test_prompt_longer_than_seq_is_refused(session, images):
 def test_answer_stopped_by_seq_length_says_so(session, images):
     session.set_image(images["rgb"])
     session.max_new_tokens = 100
-    session.eos_ids = []  # only the sequence length can stop it
+    session.model.eos_ids = []  # only the sequence length can stop it
     q = long_question(session, session.engine.seq_length - 1)  # room for 2 tokens
     turn = session.ask(q)
     assert turn.stop_reason == "seqlen" and len(turn.tokens) == 2
@@ -332,7 +341,7 @@ def test_answer_stopped_by_seq_length_says_so(session, images):
 
 
 def test_history(engine, token_config, images):
-    s = ChatSession.create(engine, token_config, max_new_tokens=12, enable_history=True)
+    s = chat_on(engine, token_config, max_new_tokens=12, enable_history=True)
     s.set_sampling(SamplingParams())
     s.set_image(images["rgb"])
     first = s.ask(QUESTION)
@@ -355,7 +364,7 @@ def test_vision_encoder_runs_once_per_image(engine, token_config, images, monkey
     calls = []
     real = engine.encode_image
     monkeypatch.setattr(engine, "encode_image", lambda im: (calls.append(im), real(im))[1])
-    s = ChatSession.create(engine, token_config, max_new_tokens=4, enable_history=True)
+    s = chat_on(engine, token_config, max_new_tokens=4, enable_history=True)
     s.set_sampling(SamplingParams())
     s.set_image(images["rgb"])
     for _ in range(3):
@@ -369,7 +378,7 @@ def test_text_only_chat(session):
 
 
 def test_stream_keeps_utf8_characters_whole(session):
-    tok = session.tokenizer
+    tok = session.model.tokenizer
     text = "It is 日本 héllo ✓ red."
     ids = tok.encode(text, add_special_tokens=False)
     stream = TextStream(tok)
@@ -391,7 +400,7 @@ def sample(session: ChatSession, q: str, **kw) -> list[int]:
 
 def test_same_seed_same_tokens(session, images):
     session.set_image(images["rgb"])
-    session.eos_ids = []  # long answers: more chances to differ
+    session.model.eos_ids = []  # long answers: more chances to differ
     a = sample(session, QUESTION, temperature=1.5, seed=3)
     b = sample(session, QUESTION, temperature=1.5, seed=3)
     c = sample(session, QUESTION, temperature=1.5, seed=4)
@@ -409,7 +418,7 @@ def test_low_temperature_is_greedy(session, images):
 def test_repeat_penalty_lowers_repeats(session):
     """A prompt that invites repetition: with the penalty, fewer tokens repeat inside the window."""
     session.set_image(None)
-    session.eos_ids = []
+    session.model.eos_ids = []
     q = " ".join(["red"] * 12)
 
     def repeats(tokens: list[int]) -> int:

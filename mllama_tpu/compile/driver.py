@@ -57,11 +57,11 @@ def _job(plan: _Plan, tc: Toolchain, chip: str, env: dict[str, str], transform_v
                     "--model", f"{p.net}.bmodel")
 
     def finish(res: JobResult) -> None:
-        est = report.parse_compiler_profile(plan.work / "compiler_profile_0.txt")
+        est = report.net_estimate(plan.work)
         plan.bmodel.parent.mkdir(parents=True, exist_ok=True)
         os.replace(plan.work / f"{p.net}.bmodel", plan.bmodel)
         cache.write_stamp(plan.bmodel, plan.key, {
-            "estimate": report.estimate_dict(est), "seconds": round(res.seconds, 2), "peak_rss": res.peak_rss})
+            "estimate": est, "seconds": round(res.seconds, 2), "peak_rss": res.peak_rss})
         shutil.rmtree(plan.work, ignore_errors=True)
 
     return Job(p.net, [Step(transform, transform_via), Step(deploy)], plan.work, plan.log, env, p.total_size,

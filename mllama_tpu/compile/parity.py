@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-HIDDEN = -10000.0  # additive mask value of the net contract
+from mllama_tpu.contract import MASK_HIDDEN
 
 
 def _mask_causal(s: int) -> np.ndarray:
-    m = np.triu(np.full((s, s), HIDDEN, np.float32), k=1)
+    m = np.triu(np.full((s, s), MASK_HIDDEN, np.float32), k=1)
     return m.reshape(1, 1, s, s)
 
 
@@ -39,11 +39,11 @@ def make_inputs(net: str, spec: dict, manifest: dict, rng: np.random.Generator) 
         elif name == "attention_mask":
             if net.startswith("block_cache_") and "history_k" in [i["name"] for i in spec["inputs"]]:
                 v = np.zeros(shape)
-                v[..., 40:-1] = HIDDEN  # 40 cached tokens + the new one
+                v[..., 40:-1] = MASK_HIDDEN  # 40 cached tokens + the new one
             elif net.startswith("block_") and shape[-1] == shape[-2]:
                 v = _mask_causal(shape[-1])
             else:  # cross attention: the first two tiles visible
-                v = np.full(shape, HIDDEN)
+                v = np.full(shape, MASK_HIDDEN)
                 v[..., : shape[-1] // 2] = 0.0
         elif name == "text_row_mask":
             v = np.ones(shape)

@@ -1,21 +1,21 @@
-"""The export's manifest, read and checked before any compile work starts.
+"""The export's pieces as compile sees them, checked before any compile work starts.
 
 Everything the compile needs about a piece (file, checksum, input shapes and dtypes) comes from
-manifest.json; the ONNX files are checked against it (size, sha256, graph inputs), so a stale or
-half-copied export is refused with one line instead of failing deep inside TPU-MLIR.
+manifest.json (read by mllama_tpu.manifest); the ONNX files are checked against it (size, sha256,
+graph inputs), so a stale or half-copied export is refused with one line instead of failing deep
+inside TPU-MLIR.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mllama_tpu import contract
 from mllama_tpu.errors import UserError
+from mllama_tpu.manifest import MANIFEST_NAME, read_manifest
 
-MANIFEST_FORMAT = 1
-HEAD_NETS = ("vit", "embedding", "embedding_cache", "lm_head", "greedy_head", "penalty_sample_head")
 _ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 16: "bfloat16"}
 
 
@@ -61,31 +61,11 @@ class Export:
     manifest: dict[str, Any]
     seq_length: int
     layers: list[str]
-    pieces: list[Piece]  # in combine order (see combine_order)
+    pieces: list[Piece]  # in contract.combine_order
 
     @property
     def token_config(self) -> Path:
         return self.root / "token_config"
-
-
-def expected_nets(layers: list[str]) -> list[str]:
-    """Every net the engine needs, from the layer kinds: nothing about the model is hard-coded."""
-    blocks = [f"{p}{i}" for i in range(len(layers)) for p in ("block_", "block_cache_")]
-    return list(HEAD_NETS) + blocks
-
-
-def combine_order(layers: list[str]) -> list[str]:
-    """Heads, then self-attention blocks, then cross-attention blocks, then the vision encoder.
-
-    Same grouping as the original project's combine (it keeps the cross blocks apart); fixed so
-    that two compiles of the same export give the same bmodel.
-    """
-    self_idx = [i for i, k in enumerate(layers) if k == "self"]
-    cross_idx = [i for i, k in enumerate(layers) if k == "cross"]
-    nets = ["embedding", "embedding_cache", "lm_head", "greedy_head", "penalty_sample_head"]
-    for i in self_idx + cross_idx:
-        nets += [f"block_{i}", f"block_cache_{i}"]
-    return nets + ["vit"]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -124,29 +104,15 @@ def load_export(onnx_dir: str | Path, seq_length: int, verify: bool = True) -> E
     if not root.is_dir():
         raise UserError(f"ONNX dir {root} does not exist; run the export first (compile/export_onnx.py) "
                         f"or pass --onnx_dir")
-    mpath = root / "manifest.json"
-    if not mpath.is_file():
-        raise UserError(f"no manifest.json in {root}; it is not an export dir, re-run the export")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{mpath} is not valid JSON ({e}); re-run the export") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{mpath}: manifest format {manifest.get('format')!r}, this compiler reads "
-                        f"format {MANIFEST_FORMAT}; re-run the export with this version")
-    if manifest.get("seq_length") != seq_length:
-        raise UserError(f"{mpath} was exported with seq_length {manifest.get('seq_length')}, "
-                        f"not {seq_length}; pass --seq_length {manifest.get('seq_length')} or re-export")
-    layers = manifest.get("layers")
-    if not isinstance(layers, list) or not layers or set(layers) - {"self", "cross"}:
-        raise UserError(f"{mpath}: 'layers' must list 'self'/'cross' per text layer; re-run the export")
-    table = manifest.get("pieces") or {}
-    missing = [n for n in expected_nets(layers) if n not in table]
-    if missing:
-        raise UserError(f"{mpath} lacks net(s) {', '.join(missing)}; re-run the export")
-
+    manifest = read_manifest(root)
+    mpath = root / MANIFEST_NAME
+    if manifest["seq_length"] != seq_length:
+        raise UserError(f"{mpath} was exported with seq_length {manifest['seq_length']}, "
+                        f"not {seq_length}; pass --seq_length {manifest['seq_length']} or re-export")
+    layers = manifest["layers"]
+    table = manifest["pieces"]
     pieces = []
-    for net in combine_order(layers):
+    for net in contract.combine_order(layers):
         entry = table[net]
         where = f"{mpath} [{net}]"
         try:

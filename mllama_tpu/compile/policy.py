@@ -5,8 +5,8 @@ with per-group scales, int8 = W8BF16). Everything that is small but sensitive ke
 precision: the vision encoder and the embeddings at the mode's activation type (BF16, or F16 in
 f16 mode), lm_head at the activation type too (its logits decide every token), and the two
 sampling heads in F32 (top-k and softmax over the vocabulary need the range). Opt-in for int4/int8:
-`lm_head_w8` gives lm_head W8BF16 with per-group scales; on the 11B it is the largest single read
-of a decode step (1.05 GB bf16, 18.2 ms estimated; W8 10.2 ms), at a small cost in logit accuracy.
+`lm_head_w8` gives lm_head W8BF16 with per-group scales: lm_head is the largest single read of a
+decode step, so halving its bytes pays, at a small cost in logit accuracy (README, Benchmarks).
 
 Tensors that only travel from one net to another on the device (hidden states, KV cache, cross
 states) are stored in the activation type: stripping their casts (`--quant_input_list` /
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mllama_tpu import contract
 from mllama_tpu.errors import UserError
 
 MODES = ("int4", "int8", "bf16", "f16", "f32")
@@ -28,11 +29,6 @@ _BLOCK_QUANT = {"int4": "W4BF16", "int8": "W8BF16", "bf16": "BF16", "f16": "F16"
 _ACT_QUANT = {"int4": "BF16", "int8": "BF16", "bf16": "BF16", "f16": "F16", "f32": "F32"}
 ACT_DTYPE = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
-# Input/output names that stay on the device between nets (net contract, DESIGN.md).
-DEVICE_INPUTS = frozenset({"input_states", "cross_attention_states", "history_k", "history_v",
-                           "cross_k", "cross_v"})
-# lm_head reads the last hidden state straight from a block's output buffer.
-DEVICE_INPUTS_BY_NET = {"lm_head": frozenset({"hidden_states"})}
 
 
 @dataclass(frozen=True)
@@ -94,7 +90,7 @@ def activation_dtype(mode: str) -> str:
 
 
 def is_block(net: str) -> bool:
-    return net.startswith("block_")
+    return contract.layer_of(net) is not None
 
 
 def check_lm_head_w8(mode: str, lm_head_w8: bool) -> None:
@@ -115,7 +111,7 @@ def piece_policy(net: str, mode: str, group_size: int, input_names: list[str],
         # Nothing to strip: every tensor already is f32 on both sides.
         return PiecePolicy("F32", None)
     group = group_size if quantize.startswith("W") else None
-    dev_in = DEVICE_INPUTS | DEVICE_INPUTS_BY_NET.get(net, frozenset())
+    dev_in = contract.DEVICE_TENSORS | contract.DEVICE_TENSORS_BY_NET.get(net, frozenset())
     quant_inputs = [i + 1 for i, name in enumerate(input_names) if name in dev_in]
     # All outputs of these nets are consumed by other nets on the device.
     device_outputs = net in ("vit", "embedding", "embedding_cache") or is_block(net)

@@ -1,9 +1,8 @@
 """compile_report.json: what was built, how, and TPU-MLIR's own speed estimate per net.
 
 For a static bmodel, model_deploy.py's codegen writes `compiler_profile_0.txt` into its working
-directory: a cycle-level trace of the net on the chip model, ending in one summary block per
-subnet (`API_END total_cycle:N`, `TCYC : N`) and a line `flops: F, runtime: Tms, ...`. We keep
-the sum over subnets: the compiler's estimate of one run of the net.
+directory (read by mllama_tpu.profile); the report keeps its totals: the compiler's estimate of
+one run of the net.
 
 The I/O table per net (names, shapes, dtypes after cast stripping) is read back from the
 combined bmodel with `model_tool --info`, so the engine can trust it as the file's truth.
@@ -11,37 +10,10 @@ combined bmodel with `model_tool --info`, so the engine can trust it as the file
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-_TCYC = re.compile(r"^TCYC\s*:\s*(\d+)", re.M)
-_API_END = re.compile(r"API_END total_cycle:(\d+)")
-_RUNTIME = re.compile(r"flops:\s*(\d+),\s*runtime:\s*([0-9.eE+-]+)ms")
-
-
-@dataclass
-class ProfileEstimate:
-    cycles: int
-    runtime_ms: float | None
-    flops: int | None
-
-
-def parse_compiler_profile(path: Path) -> ProfileEstimate | None:
-    """Cycle total of one compiled net, or None if the file is absent (e.g. dynamic nets)."""
-    if not path.is_file():
-        return None
-    text = path.read_text(errors="replace")
-    cycles = [int(c) for c in _TCYC.findall(text)] or [int(c) for c in _API_END.findall(text)]
-    if not cycles:
-        return None
-    runs = _RUNTIME.findall(text)
-    return ProfileEstimate(
-        cycles=sum(cycles),
-        runtime_ms=sum(float(r[1]) for r in runs) if runs else None,
-        flops=sum(int(r[0]) for r in runs) if runs else None,
-    )
-
+from mllama_tpu.profile import parse_profile
 
 # `model_tool --info` lines: "net 3: [block_0]  static", "input: name, [1, 16], int32, scale: ..."
 _NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]\s*(?P<kind>\w*)")
@@ -113,5 +85,14 @@ def build_report(*, name: str, mode: str, chip: str, group_size: int, seq_length
     }
 
 
-def estimate_dict(est: ProfileEstimate | None) -> dict[str, Any] | None:
-    return asdict(est) if est else None
+def net_estimate(work_dir: Path) -> dict[str, Any] | None:
+    """TPU-MLIR's estimate of one run of the net compiled in `work_dir` (its subnets summed), or
+    None when model_deploy wrote no profile (dynamic nets)."""
+    path = work_dir / "compiler_profile_0.txt"
+    if not path.is_file():
+        return None
+    try:
+        prof = parse_profile(path)
+    except ValueError:
+        return None
+    return {"cycles": prof.cycles, "runtime_ms": prof.runtime_ms, "flops": prof.flops}

@@ -6,15 +6,15 @@ CLI and the tests (parametrized by backend) build engines the same way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
-from mllama_tpu.engines.base import GENERATION_MODES, Engine, SamplingParams
+from mllama_tpu.engines.base import Engine
 from mllama_tpu.errors import UserError
+from mllama_tpu.sampling import GENERATION_MODES, SamplingParams
 
 BACKENDS = ("bmodel", "onnx")
 
 
-def open_engine(backend: str, model: str | Path, devids: Sequence[int] = (0,)) -> Engine:
+def open_engine(backend: str, model: str | Path, devid: int = 0) -> Engine:
     """Load `model` with `backend`; user mistakes (missing files, bad device) become UserError."""
     path = Path(model)
     if backend == "onnx":
@@ -39,12 +39,12 @@ def open_engine(backend: str, model: str | Path, devids: Sequence[int] = (0,)) -
                 "or use --backend onnx with an export dir"
             ) from None
         try:
-            return BmodelEngine(str(path), list(devids))
+            return BmodelEngine(str(path), devid)
         except UserError:
             raise
         except (RuntimeError, ValueError, OSError) as e:
             # The C++ engine reports a missing device / unreadable bmodel as an exception.
-            raise UserError(f"cannot load {path} on device {','.join(map(str, devids))}: {e}") from None
+            raise UserError(f"cannot load {path} on device {devid}: {e}") from None
     raise UserError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
 

@@ -1,69 +1,43 @@
-"""The Engine interface: what the generation loop and the chat need from a backend.
+"""The Engine interface: what the generation loop and the session need from a backend.
 
 Two engines implement it: the ONNX reference engine (onnxruntime over an export dir, on the CPU)
 and the bmodel engine (the C++ `chat` module on a BM1684X or its simulator). Both take exactly
 the same inputs (mllama_tpu.inputs), so a wrong answer can be located piece by piece.
 
 Protocol of one turn: `encode_image` once per image (keeps the cross-attention states),
-`prefill(p)` -> first token, then `decode(token)` -> next token until the caller stops; the
-engine keeps position, KV cache and the decode-time masks itself.
+`prefill(p)` -> first token, then `decode(token)` -> next token until the caller stops. What is
+the same for every backend is done here once: the ids seen so far (the repeat penalty's window),
+the sampling head's inputs, the host's draw, and the guard against a full cache. A backend
+only runs its nets (`_prefill`, `_decode`) and keeps position and KV cache.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from mllama_tpu.inputs import ImageInputs, PrefillInputs
-
-GENERATION_MODES = ("greedy", "penalty_sample")
-
-
-@dataclass
-class SamplingParams:
-    """How the next token is chosen. penalty_sample runs the on-model head (repeat penalty over
-    the last repeat_last_n tokens, top-k, temperature, top-p) and the host draws from its probs."""
-
-    mode: str = "greedy"
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 32
-    seed: int | None = None
-
-    def validate(self) -> None:
-        """Raise ValueError with a user-readable message on an impossible setting."""
-        if self.mode not in GENERATION_MODES:
-            raise ValueError(f"generation mode {self.mode!r} is not one of {', '.join(GENERATION_MODES)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.repeat_penalty <= 0:
-            raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
-        if self.repeat_last_n < 1:
-            raise ValueError(f"repeat_last_n must be >= 1, got {self.repeat_last_n}")
-
-    @property
-    def effective_mode(self) -> str:
-        # Temperature 0 is the limit of sampling: the most likely token, i.e. greedy.
-        return "greedy" if self.temperature == 0 else self.mode
+from mllama_tpu.sampling import SampleHeadInputs, SamplingParams, draw_token, sample_head_inputs
 
 
 class Engine(ABC):
     """A loaded model that can see one image and generate tokens one at a time."""
 
+    model_dir: Path  # where the model's files are (export dir, or the bmodel's dir)
     seq_length: int  # static sequence length SEQ (prompt + answer must fit)
     hidden_size: int
     vocab_size: int  # text vocabulary (logits width)
     max_tiles: int  # T
     num_patches: int  # P, per tile incl. CLS
-    eos_token_ids: list[int]  # from the export manifest; the chat adds the tokenizer's own
-    image_token_id: int | None
+    recent_window: int  # R: ids the penalty_sample_head's repeat penalty takes
+
+    def __init__(self) -> None:
+        self.sampling = SamplingParams()
+        self._rng = np.random.default_rng()
+        self._seen: list[int] = []  # prompt + fed tokens of the current turn
+
+    # -- the protocol ---------------------------------------------------------------------------
 
     @abstractmethod
     def encode_image(self, image: ImageInputs) -> None:
@@ -73,44 +47,59 @@ class Engine(ABC):
     def clear_image(self) -> None:
         """Forget the current image; later prompts must be text-only until a new encode_image."""
 
-    @abstractmethod
     def prefill(self, p: PrefillInputs) -> int:
         """Run the whole prompt, fill the KV cache, return the first generated token."""
+        if p.seq_length != self.seq_length:
+            raise ValueError(f"prefill inputs have SEQ {p.seq_length}, the model {self.seq_length}")
+        self._seen = p.token_ids
+        return self._choose(self._prefill(p, self._head_inputs()))
 
-    @abstractmethod
     def decode(self, token: int) -> int:
         """Feed the previous token at the next position, return the token after it."""
+        if self.is_full:
+            raise RuntimeError(f"the KV cache is full ({self.seq_length} tokens): start a new prompt")
+        if not self._seen:
+            raise RuntimeError("decode before prefill: call prefill first")
+        self._seen.append(int(token))
+        return self._choose(self._decode(int(token), self._head_inputs()))
 
-    def set_sampling(
-        self,
-        mode: str = "greedy",
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 50,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 32,
-        seed: int | None = None,
-    ) -> None:
-        """Choose greedy or penalty sampling for the following tokens (seed resets the RNG)."""
-        params = SamplingParams(mode, temperature, top_p, top_k, repeat_penalty, repeat_last_n, seed)
-        params.validate()
-        self.sampling = params
-        self._apply_sampling(params)
-
+    @property
     @abstractmethod
-    def _apply_sampling(self, params: SamplingParams) -> None:
-        """Hand validated sampling settings to the engine's token choice."""
+    def position(self) -> int:
+        """Cache slot the next fed token occupies (= tokens in the cache)."""
+
+    @property
+    def is_full(self) -> bool:
+        return self.position >= self.seq_length
+
+    def set_sampling(self, params: SamplingParams) -> None:
+        """Greedy or penalty sampling for the following tokens; the draw is seeded by params.seed."""
+        self.sampling = params.validated()
+        self._rng = np.random.default_rng(params.seed)
 
     def close(self) -> None:
         """Release what the engine holds (device memory, sessions); idempotent."""
 
+    # -- what a backend implements ----------------------------------------------------------------
 
-def draw_token(probs: np.ndarray, tokens: np.ndarray, top_k: int, rng: np.random.Generator) -> int:
-    """Host side of penalty sampling: the head gives the top-K candidates (best first) and their
-    probabilities; keep the user's top_k of them and draw one."""
-    p = np.asarray(probs, dtype=np.float64).copy()
-    p[top_k:] = 0.0
-    total = p.sum()
-    if not np.isfinite(total) or total <= 0:
-        return int(tokens[0])
-    return int(tokens[rng.choice(len(p), p=p / total)])
+    @abstractmethod
+    def _prefill(self, p: PrefillInputs, head: SampleHeadInputs | None):
+        """Run the prompt's nets. Returns greedy_head's token (head None), else penalty_sample_head's
+        K candidates (probs, tokens) for the host to draw from."""
+
+    @abstractmethod
+    def _decode(self, token: int, head: SampleHeadInputs | None):
+        """One decode step's nets; returns as _prefill."""
+
+    # -- shared token choice ----------------------------------------------------------------------
+
+    def _head_inputs(self) -> SampleHeadInputs | None:
+        if not self.sampling.sample:
+            return None
+        return sample_head_inputs(self.sampling, self._seen, self.recent_window)
+
+    def _choose(self, out) -> int:
+        if isinstance(out, tuple):
+            probs, tokens = out
+            return draw_token(probs, tokens, self.sampling.top_k, self._rng)
+        return int(out)

@@ -1,33 +1,31 @@
 """The bmodel engine: base.Engine on the C++ `chat` module (libbmrt, BM1684X or its simulator).
 
 The C++ side owns the device, the bmodel and the KV cache and reads every dim from the bmodel
-itself (SEQ, hidden size, layers and which are cross-attention, tiles, patches, K of the
-sampling head); this wrapper only adapts the shared input dataclasses and sampling settings.
-The module is built by scripts/build_engine.sh into python_demo/build/.
+itself (SEQ, hidden size, layers and which are cross-attention, tiles, patches, K and R of the
+sampling head); it checks the bmodel against the contract it is handed here. This wrapper only
+passes the shared inputs through.
 """
 from __future__ import annotations
 
 import importlib.util
-import json
-import random
+import os
 import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Sequence
 
-import numpy as np
-
-from mllama_tpu import REPO_ROOT
-from mllama_tpu.engines.base import Engine, SamplingParams
+from mllama_tpu import REPO_ROOT, contract
+from mllama_tpu.engines.base import Engine
 from mllama_tpu.inputs import ImageInputs, PrefillInputs
+from mllama_tpu.sampling import SampleHeadInputs
 
-BUILD_DIR = REPO_ROOT / "python_demo" / "build"
+# Where scripts/build_engine.sh puts the module; MLLAMA_ENGINE_DIR points elsewhere (an install).
+ENGINE_DIR = Path(os.environ.get("MLLAMA_ENGINE_DIR") or REPO_ROOT / "python_demo" / "build")
 
 
-def load_chat_module(build_dir: Path = BUILD_DIR) -> ModuleType:
+def load_chat_module(build_dir: Path = ENGINE_DIR) -> ModuleType:
     """Import the built pybind11 module `chat` (once per process)."""
-    if "chat" in sys.modules and hasattr(sys.modules["chat"], "Engine"):
+    if "chat" in sys.modules and hasattr(sys.modules["chat"], "Mllama"):
         return sys.modules["chat"]
     found = sorted(build_dir.glob("chat*.so"))
     if not found:
@@ -44,45 +42,15 @@ def load_chat_module(build_dir: Path = BUILD_DIR) -> ModuleType:
     return module
 
 
-def _ids(x: Any) -> list[int]:
-    if x is None:
-        return []
-    return [int(t) for t in x] if isinstance(x, (list, tuple)) else [int(x)]
-
-
-def _token_facts(bmodel: Path) -> tuple[list[int], int | None]:
-    """(eos ids, image token id): not in the bmodel, so taken from what export/compile write
-    beside it: a manifest.json, else token_config/ (config.json + generation_config.json)."""
-    d = bmodel.parent
-    try:
-        m = json.loads((d / "manifest.json").read_text())
-        return _ids(m.get("eos_token_ids")), m.get("image_token_id")
-    except (OSError, ValueError):
-        pass
-    eos: list[int] = []
-    image_token_id = None
-    try:
-        cfg = json.loads((d / "token_config" / "config.json").read_text())
-        eos += _ids(cfg.get("text_config", {}).get("eos_token_id"))
-        image_token_id = cfg.get("image_token_index", cfg.get("image_token_id"))
-    except (OSError, ValueError):
-        pass
-    try:
-        eos += _ids(json.loads((d / "token_config" / "generation_config.json").read_text()).get("eos_token_id"))
-    except (OSError, ValueError):
-        pass
-    return list(dict.fromkeys(eos)), image_token_id
-
-
 class BmodelEngine(Engine):
-    """A compiled NAME.bmodel on device(s) `devids` (the simulator has exactly one: [0])."""
+    """A compiled NAME.bmodel on device `devid` (the simulator has exactly one: 0)."""
 
-    def __init__(self, bmodel_path: str | Path, devids: Sequence[int] = (0,)):
+    def __init__(self, bmodel_path: str | Path, devid: int = 0):
+        super().__init__()
         self.bmodel_path = Path(bmodel_path)
-        chat = load_chat_module()
-        self.SeqlenReached = chat.SeqlenReached
-        self._e = chat.Engine()
-        self._e.init([int(d) for d in devids], str(self.bmodel_path))
+        self.model_dir = self.bmodel_path.parent
+        self._e = load_chat_module().Mllama()
+        self._e.init(int(devid), str(self.bmodel_path), contract.engine_spec())
         e = self._e
         self.seq_length = e.SEQLEN
         self.hidden_size = e.HIDDEN_SIZE
@@ -92,13 +60,8 @@ class BmodelEngine(Engine):
         self.num_layers = e.NUM_LAYERS
         self.cross_layers = list(e.cross_layers)
         self.sample_k = e.SAMPLE_K
-        eos, itid = _token_facts(self.bmodel_path)
-        self.eos_token_ids = eos
-        self.image_token_id = int(itid) if itid is not None else None
-        self.sampling = SamplingParams()
+        self.recent_window = e.RECENT_IDS
         self.memory = dict(e.memory_info())  # engine_bytes (+ device_used_mb where reported)
-
-    # -- image -----------------------------------------------------------------------------------
 
     def encode_image(self, image: ImageInputs) -> None:
         if image.pixel_values.shape[0] != self.max_tiles:
@@ -108,38 +71,15 @@ class BmodelEngine(Engine):
     def clear_image(self) -> None:
         self._e.clear_image()
 
-    # -- prefill / decode ------------------------------------------------------------------------
-
-    def prefill(self, p: PrefillInputs) -> int:
-        if p.seq_length != self.seq_length:
-            raise ValueError(f"prefill inputs have SEQ {p.seq_length}, the model {self.seq_length}")
-        row = 1.0 if p.decode_text_row_mask is None else float(np.asarray(p.decode_text_row_mask).reshape(-1)[0])
-        return self._e.prefill(
-            p.input_ids, p.position_ids, p.attention_mask, p.num_tokens,
-            p.cross_attention_mask, p.text_row_mask, p.decode_cross_attention_mask, row,
-        )
-
-    def decode(self, token: int) -> int:
-        """Raises chat.SeqlenReached (a RuntimeError) when the cache holds SEQ tokens already."""
-        return self._e.decode(int(token))
-
     @property
     def position(self) -> int:
-        """Cache slot the next fed token occupies (= tokens seen so far)."""
         return self._e.position
 
-    # -- token heads -----------------------------------------------------------------------------
+    def _prefill(self, p: PrefillInputs, head: SampleHeadInputs | None):
+        return self._e.prefill(p, head)
 
-    def _apply_sampling(self, params: SamplingParams) -> None:
-        # The head returns K candidates; asking for more than K means "all of them", as in the
-        # ONNX engine's draw.
-        k = min(params.top_k, self.sample_k)
-        draw_seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(32)
-        self._e.set_sampling(params.effective_mode, float(params.temperature), float(params.top_p), k,
-                             float(params.repeat_penalty), int(params.repeat_last_n),
-                             int(draw_seed) & 0xFFFFFFFF)
-
-    # -- timings, memory, lifetime ---------------------------------------------------------------
+    def _decode(self, token: int, head: SampleHeadInputs | None):
+        return self._e.decode(token, head)
 
     @property
     def timings_ms(self) -> dict[str, float]:

@@ -21,16 +21,17 @@ from tqdm import tqdm
 from mllama_tpu.config import ModelDims
 from mllama_tpu.errors import UserError
 from mllama_tpu.export.onnx_io import export_piece, sha256_file
-from mllama_tpu.export.pieces import RECENT_IDS, build_piece, piece_names, top_k
+from mllama_tpu.contract import RECENT_IDS
+from mllama_tpu.export.pieces import build_piece, piece_names, top_k
+from mllama_tpu.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from mllama_tpu.weights import CheckpointWeights
 
-MANIFEST_FORMAT = 1
 TOKEN_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja",
                "generation_config.json", "config.json")
 _CODE_FILES = [Path(__file__).parent / n for n in
                ("text.py", "vision.py", "heads.py", "rope.py", "pieces.py", "onnx_io.py")] + \
-              [Path(__file__).parent.parent / n for n in ("config.py", "weights.py")]
+              [Path(__file__).parent.parent / n for n in ("config.py", "weights.py", "contract.py")]
 
 
 def export_model(model_dir: str | Path, out_dir: str | Path, seq_length: int, device: str = "cpu",
@@ -46,7 +47,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, seq_length: int, de
     for stale in pieces_dir.glob(".tmp-*"):  # left by an interrupted run: never a finished piece
         shutil.rmtree(stale, ignore_errors=True)
 
-    manifest_path = out_dir / "manifest.json"
+    manifest_path = out_dir / MANIFEST_NAME
     fingerprint = _fingerprint(model_dir, seq_length)
     manifest = _load_manifest(manifest_path)
     if manifest.get("fingerprint") != fingerprint:

@@ -1,7 +1,8 @@
-"""The net contract: which pieces a model has, and how to build each one from its weights.
+"""How to build each net of the contract (mllama_tpu.contract) from a checkpoint's weights.
 
 A Piece is a torch module plus named example inputs (their shapes are the static shapes
-of the ONNX file) and output names. Only the tensors the piece needs are read.
+of the ONNX file) and output names, both in the contract's order. Only the tensors the piece
+needs are read.
 """
 from __future__ import annotations
 
@@ -10,15 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mllama_tpu import contract
 from mllama_tpu.config import ModelDims
 from mllama_tpu.export.heads import GreedyHead, PenaltySampleHead
 from mllama_tpu.export.rope import rotary_tables
 from mllama_tpu.export.text import CrossAttentionBlock, Embedding, LmHead, SelfAttentionBlock
 from mllama_tpu.export.vision import VisionEncoder
 from mllama_tpu.weights import CheckpointWeights
-
-TOP_K_MAX = 50
-RECENT_IDS = 64  # repeat-penalty window of penalty_sample_head (engine pads shorter windows)
 
 
 @dataclass
@@ -36,18 +35,25 @@ def is_projection(name: str) -> bool:
 
 
 def top_k(dims: ModelDims) -> int:
-    return min(TOP_K_MAX, dims.vocab_size)
+    """K of the sampling head: the contract's, or the whole vocabulary when that is smaller."""
+    return min(contract.SAMPLE_TOP_K, dims.vocab_size)
 
 
 def piece_names(dims: ModelDims) -> list[str]:
-    """Export order: small and commonly needed first, so a first test run has them early."""
-    names = ["embedding", "embedding_cache"]
-    for i in range(dims.num_hidden_layers):
-        names += [f"block_{i}", f"block_cache_{i}"]
-    return names + ["lm_head", "greedy_head", "penalty_sample_head", "vit"]
+    return contract.net_names(dims.layer_kinds)
 
 
 def build_piece(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int) -> Piece:
+    """The piece `name`, its example inputs and outputs named and ordered as the contract says."""
+    piece = _build(name, weights, dims, seq)
+    ins, outs = contract.net_io(name, dims.layer_kinds)
+    if tuple(piece.inputs) != ins or tuple(piece.outputs) != outs:
+        raise AssertionError(f"piece {name} has I/O {list(piece.inputs)} -> {piece.outputs}, "
+                             f"the contract {list(ins)} -> {list(outs)}")
+    return piece
+
+
+def _build(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int) -> Piece:
     i32 = torch.int32
     h, kv, d = dims.hidden_size, dims.num_key_value_heads, dims.head_dim
     t, p, s = dims.max_num_tiles, dims.num_patches, dims.tile_size
@@ -64,7 +70,7 @@ def build_piece(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int
         return Piece(name, GreedyHead(), {"logits": torch.randn(1, dims.vocab_size)}, ["token"])
     if name == "penalty_sample_head":
         return Piece(name, PenaltySampleHead(dims.vocab_size, top_k(dims)),
-                     {"logits": torch.randn(1, dims.vocab_size), "recent_ids": zeros(1, RECENT_IDS, dtype=i32),
+                     {"logits": torch.randn(1, dims.vocab_size), "recent_ids": zeros(1, contract.RECENT_IDS, dtype=i32),
                       "top_p": torch.tensor([0.8]), "temperature": torch.tensor([0.7]),
                       "repeat_penalty": torch.tensor([1.1])},
                      ["probs", "tokens"])

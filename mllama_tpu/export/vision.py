@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllama_tpu.config import ModelDims
+from mllama_tpu.contract import MASK_HIDDEN
 from mllama_tpu.export.text import Linear, _const
 
-MASK_VALUE = -10000.0  # additive "hidden" value used across the project (f16/bf16 safe)
 
 
 class LayerNorm(nn.Module):
@@ -89,7 +89,7 @@ class VisionEncoder(nn.Module):
         """[1,T] tile validity -> additive [1,1,N,N] over N = T*Pp positions."""
         valid = aspect_ratio_mask.to(torch.float32).reshape(-1, 1) * self.real_patch  # [T,Pp]
         pad = (1 - valid).reshape(1, 1, -1, 1)
-        return pad * pad.reshape(1, 1, 1, -1) * MASK_VALUE
+        return pad * pad.reshape(1, 1, 1, -1) * MASK_HIDDEN
 
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                 aspect_ratio_mask: torch.Tensor) -> torch.Tensor:

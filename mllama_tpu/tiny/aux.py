@@ -1,13 +1,13 @@
 """Training-only auxiliary supervision of the vision features (never saved with the model).
 
 The language loss alone gives the vision encoder one token of signal per question; from scratch
-it learnt colours quickly but stayed at chance on shape and left/right (run of 1000 steps).
+it learnt colours quickly but stayed at chance on shape and left/right (mllama_tpu/tiny/README.md).
 These small heads read the projected vision features (what the text's cross-attention sees) and
 ask them to say, per patch, whether it is part of the shape, and, pooled over the shape's patches,
 which shape it is and on which side. That builds exactly the features the cross-attention needs
 to look up; the heads are dropped afterwards, the saved model is a plain Mllama.
 
-Shape was still the weak answer (58 % after 1800 steps) with one pooled shape label per image, so
+Shape was still the weak answer with one pooled shape label per image, so
 every patch on the shape's outline also names the shape on its own: the patch embedding learns
 edge orientation and curvature locally, which then shows in the average over the shape's patches
 that the text's cross-attention reads (no relational reasoning between patches needed).

@@ -1,0 +1,336 @@
+"""One request path: a conversation (and its one image) in, turn events out.
+
+`produce_turn` is the only producer of what a turn shows: the prompt accepted, text pieces as
+they come, the turn done with its stats. Front ends only render those events: the terminal
+(mllama_tpu.terminal: interactive, scripted, JSON) and the HTTP server. `ChatSession` adds what
+a CLI chat keeps between turns: the history, the current image, the restart when a kept
+conversation no longer fits SEQ.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from mllama_tpu.engines import Engine, open_engine
+from mllama_tpu.errors import UserError
+from mllama_tpu.generate import STOP_SEQLEN, Generation, generate_tokens
+from mllama_tpu.images import load_image
+from mllama_tpu.inputs import (
+    ImageInputs,
+    PrefillInputs,
+    PromptTooLong,
+    assistant_message,
+    pad_token_id,
+    prefill_inputs,
+    prepare_image,
+    prompt_features,
+    user_message,
+)
+from mllama_tpu.manifest import token_facts
+from mllama_tpu.sampling import SamplingParams
+from mllama_tpu.text_stream import TextStream
+from mllama_tpu.token_config import check_token_config, default_token_config, open_processor
+
+STOP_STRING = "stop"
+STOP_CANCELLED = "cancelled"
+
+# ---------------------------------------------------------------------------------------------
+# the model: an engine, its processor, its stop ids, the image it has encoded
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """One engine with its processor and EOS ids; serves one turn at a time."""
+
+    engine: Engine
+    processor: Any
+    eos_ids: list[int]
+    _image_key: str | None = field(default=None, repr=False)
+    _image: ImageInputs | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, backend: str, model_path: str | Path, token_config: str | Path | None = None,
+             devid: int = 0, processor: Any | None = None) -> "LoadedModel":
+        """Load the model; every bad input is a UserError (checked before the slow load where it can be)."""
+        model_path = Path(model_path)
+        if not model_path.exists():
+            raise UserError(f"model {model_path} not found: pass a NAME.bmodel (or an export dir with --backend onnx)")
+        token_config = Path(token_config) if token_config else default_token_config(model_path)
+        processor = processor if processor is not None else open_processor(token_config)
+        engine = open_engine(backend, model_path, devid)
+        try:
+            return cls.on(engine, processor, token_config)
+        except UserError:
+            engine.close()
+            raise
+
+    @classmethod
+    def on(cls, engine: Engine, processor: Any, token_config: Path) -> "LoadedModel":
+        facts = token_facts(engine.model_dir, Path(token_config))
+        check_token_config(Path(token_config), processor, engine, facts.image_token_id)
+        eos = facts.eos_ids + ([int(processor.tokenizer.eos_token_id)]
+                               if processor.tokenizer.eos_token_id is not None else [])
+        return cls(engine, processor, list(dict.fromkeys(eos)))
+
+    @property
+    def seq_length(self) -> int:
+        return self.engine.seq_length
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def use_image(self, image: Any | None) -> ImageInputs | None:
+        """The tiles of `image`, encoded on the engine unless it is the one encoded last."""
+        if image is None:
+            return None
+        key = hashlib.sha256(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
+        if key != self._image_key:
+            self._image_key = None
+            tiles = prepare_image(self.processor, image)
+            self.engine.encode_image(tiles)
+            self._image_key, self._image = key, tiles
+        return self._image
+
+    def prompt(self, messages: Sequence[dict], image: ImageInputs | None) -> PrefillInputs:
+        """Static-shape prefill inputs of a conversation; PromptTooLong past SEQ."""
+        features = prompt_features(self.processor, messages, image)
+        return prefill_inputs(features["input_ids"][0], self.seq_length, pad_token_id(self.processor),
+                              features.get("cross_attention_mask"), self.engine.num_patches, self.engine.max_tiles)
+
+    def count_prompt_tokens(self, messages: Sequence[dict], image: Any | None) -> int:
+        tiles = self.use_image(image)
+        return int(prompt_features(self.processor, messages, tiles)["input_ids"].shape[1])
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# a turn: the request and the events it produces
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    messages: list[dict]  # chat-template messages; at most one {"type": "image"} part in all
+    image: Any | None = None  # the conversation's one image, 8-bit RGB (mllama_tpu.images)
+    max_new_tokens: int = 512
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these
+
+
+@dataclass(frozen=True)
+class PromptAccepted:
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    answer: str
+    tokens: list[int]
+    prompt_tokens: int
+    ftl_s: float
+    tps: float
+    stop_reason: str  # generate's STOP_* or STOP_STRING / STOP_CANCELLED
+
+
+TurnEvent = PromptAccepted | TextPiece | TurnDone
+
+
+def image_parts(messages: Sequence[dict]) -> int:
+    return sum(1 for m in messages if isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image")
+
+
+def produce_turn(model: LoadedModel, request: TurnRequest,
+                 cancelled: Callable[[], bool] | None = None) -> Iterator[TurnEvent]:
+    """Run one turn. A refused request raises UserError before PromptAccepted; `cancelled` is
+    polled between tokens and ends the turn at the next one."""
+    if request.max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+    n_images = image_parts(request.messages)
+    if n_images > 1:
+        raise UserError(f"the conversation has {n_images} images; the model takes one image per conversation")
+    if n_images and request.image is None:
+        raise UserError("the conversation has an image part but no image was given")
+    if request.image is not None and not n_images:
+        raise UserError("an image was given but no message has an image part to place it")
+    sampling = request.sampling.validated()
+    prompt = model.prompt(request.messages, model.use_image(request.image))
+    model.engine.set_sampling(sampling)
+    yield PromptAccepted(prompt.num_tokens)
+
+    stream = TextStream(model.tokenizer, request.stop)
+    answer: list[str] = []
+    gen = Generation()
+    for token in generate_tokens(model.engine, prompt, model.eos_ids, request.max_new_tokens, gen):
+        piece = stream.push(token)
+        if piece:
+            answer.append(piece)
+            yield TextPiece(piece)
+        if stream.stopped:
+            gen.stop(STOP_STRING)
+            break
+        if cancelled is not None and cancelled():
+            gen.stop(STOP_CANCELLED)
+            break
+    tail = stream.flush()
+    if tail:
+        answer.append(tail)
+        yield TextPiece(tail)
+    yield TurnDone("".join(answer), gen.tokens, prompt.num_tokens, gen.ftl_s, gen.tps, gen.stop_reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI chat: history, the current image, restarting a conversation that outgrew SEQ
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know about the turn, not part of the answer."""
+
+    text: str
+
+
+RESTART_NOTICE = "(the conversation no longer fit the model's sequence length: started a new one)"
+
+
+def stop_notice(done: TurnDone) -> str | None:
+    if done.stop_reason == STOP_SEQLEN:
+        return f"(stopped: the model's sequence length is full after {done.prompt_tokens} prompt tokens)"
+    return None
+
+
+@dataclass
+class Turn:
+    """A finished turn of the chat, as the scripted and JSON front ends report it."""
+
+    question: str
+    answer: str
+    tokens: list[int]
+    ftl_s: float
+    tps: float
+    stop_reason: str
+    prompt_tokens: int
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def restarted(self) -> bool:
+        """History was dropped because the conversation no longer fit."""
+        return RESTART_NOTICE in self.notices
+
+
+@dataclass
+class ChatSession:
+    model: LoadedModel
+    max_new_tokens: int = 512
+    enable_history: bool = False
+    sampling: SamplingParams = SamplingParams()
+    image: Any | None = None
+    image_path: str | None = None
+    messages: list[dict] = field(default_factory=list)
+
+    @property
+    def engine(self) -> Engine:
+        return self.model.engine
+
+    def set_sampling(self, params: SamplingParams) -> None:
+        self.sampling = params.validated()
+
+    def set_image(self, path: str | Path | None, image: Any | None = None) -> None:
+        """Load (unless `image` is that file, already loaded) and encode a new image; None: text
+        only. The conversation starts afresh."""
+        if path is None:
+            self.image, self.image_path = None, None
+        else:
+            image = image if image is not None else load_image(path)
+            self.model.use_image(image)
+            self.image, self.image_path = image, str(path)
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = []
+
+    @property
+    def answer_room(self) -> int:
+        """Tokens a kept conversation must leave free for the answer; below that it starts afresh
+        (a history that only just fits would cut the answer after a token or two)."""
+        return min(self.max_new_tokens, max(1, self.model.seq_length // 8))
+
+    def _conversation(self, question: str, history: list[dict]) -> list[dict]:
+        # The image rides with the first user turn of the conversation.
+        return history + [user_message(question, self.image is not None and not history)]
+
+    def prompt_length(self, question: str) -> int:
+        """Tokens the next turn's prompt would have (history included), before any refusal."""
+        history = self.messages if self.enable_history else []
+        return self.model.count_prompt_tokens(self._conversation(question.strip(), history), self.image)
+
+    def _request(self, convo: list[dict]) -> TurnRequest:
+        return TurnRequest(convo, self.image, self.max_new_tokens, self.sampling)
+
+    def turn(self, question: str) -> Iterator[TurnEvent | Notice]:
+        """One turn's events; the history (if kept) grows by it once it is done."""
+        question = question.strip()
+        if not question:
+            raise UserError("empty question: type a question")
+        history = self.messages if self.enable_history else []
+        convo = self._conversation(question, history)
+        restarted = False
+        try:
+            tokens = self.model.count_prompt_tokens(convo, self.image)
+            if tokens > self.model.seq_length or (history and tokens + self.answer_room > self.model.seq_length):
+                raise PromptTooLong(tokens, self.model.seq_length)
+        except PromptTooLong as e:
+            if not history:
+                raise UserError(f"{e}: ask a shorter question") from None
+            restarted, convo = True, self._conversation(question, [])
+        try:
+            events = _started(produce_turn(self.model, self._request(convo)))
+        except PromptTooLong as e:
+            self.messages = []
+            raise UserError(f"{e}: ask a shorter question" + (" (history cleared)" if restarted else "")) from None
+        if restarted:
+            yield Notice(RESTART_NOTICE)
+        done = None
+        for event in events:
+            if isinstance(event, TurnDone):
+                done = event
+            yield event
+        if done is not None and self.enable_history:
+            self.messages = convo + [assistant_message(done.answer)]
+        if done is not None and (notice := stop_notice(done)):
+            yield Notice(notice)
+
+    def ask(self, question: str) -> Turn:
+        """One whole turn (the scripted front ends and tests)."""
+        notices, done = [], None
+        for event in self.turn(question):
+            if isinstance(event, Notice):
+                notices.append(event.text)
+            elif isinstance(event, TurnDone):
+                done = event
+        assert done is not None, "a turn always ends with TurnDone"
+        return Turn(question.strip(), done.answer, done.tokens, done.ftl_s, done.tps, done.stop_reason,
+                    done.prompt_tokens, notices)
+
+
+def _started(events: Iterator[TurnEvent]) -> Iterator[TurnEvent]:
+    """Runs `events` up to its first event now, so a refused request raises here, not mid-render."""
+    first = next(events)
+
+    def chain() -> Iterator[TurnEvent]:
+        yield first
+        yield from events
+
+    return chain()
