@@ -101,7 +101,7 @@ def test_multi_turn_with_the_image_in_the_first_message(server, backend, model_p
         messages.append({"role": "assistant", "content": text})
 
 
-@pytest.mark.parametrize("backend", ["onnx"])  # the same server path on bmodel: one pipeline.py run less
+@pytest.mark.parametrize("backend", ["onnx"], indirect=True, scope="module")  # bmodel: the same server path
 def test_text_only(server, backend, model_path):
     ref = pipeline_turns(backend, model_path, ["Hello"], None, "--max_new_tokens", str(MAX_TOKENS))[0]
     r = server.client().chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hello"}],

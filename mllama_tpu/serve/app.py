@@ -17,12 +17,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from mllama_tpu.serve import errors, render
-from mllama_tpu.serve._interim import PromptAccepted
-from mllama_tpu.serve.conversation import Limits, prepare_turn
+from mllama_tpu.serve.conversation import Limits, PromptCounter, prepare_turn
 from mllama_tpu.serve.errors import ApiError
 from mllama_tpu.serve.guard import Guard
 from mllama_tpu.serve.pool import EnginePool, Failed, QueueFull, Refused, Started
 from mllama_tpu.serve.schema import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelCard, ModelList
+from mllama_tpu.session import PromptAccepted
 
 _ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "invalid request (what, where, what to do)", 401: "missing or wrong API key", 404: "unknown model or route",
@@ -42,7 +42,7 @@ def page_html() -> str:
     return resources.files("mllama_tpu.serve").joinpath("page.html").read_text(encoding="utf-8")
 
 
-def create_app(pool: EnginePool, config: ServerConfig):
+def create_app(pool: EnginePool, counter: PromptCounter, config: ServerConfig):
     """The ASGI app (the FastAPI app behind the key/size guard); `.fastapi` is the inner app."""
     created = int(time.time())
     app = FastAPI(title="mllama-tpu", version="0.1.0", docs_url=None, redoc_url=None,
@@ -80,7 +80,7 @@ def create_app(pool: EnginePool, config: ServerConfig):
         summary=f"chat completion (one image per conversation; prompt + answer <= {seq} tokens)",
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        prepared = await run_in_threadpool(prepare_turn, body, pool.models[0], config.served_name, config.limits)
+        prepared = await run_in_threadpool(prepare_turn, body, counter, seq, config.served_name, config.limits)
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         try:
             job = pool.submit(prepared.turn, request_id)

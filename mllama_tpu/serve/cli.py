@@ -39,6 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parse_devids(text: str) -> list[int]:
+    """--devid 0 or 0,1,...: one engine per device, each id once."""
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        ids = []
+    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise UserError(f"--devid {text!r} is not a list of distinct device ids: use e.g. 0 or 0,1")
+    return ids
+
+
 def served_name(model: Path) -> str:
     return model.name[: -len(".bmodel")] if model.name.endswith(".bmodel") else model.name
 
@@ -69,13 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     _check(args)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python_demo"))
-    from pipeline import parse_devids  # the CLI rule for --devid, owned by pipeline.py
-
-    from mllama_tpu.serve._interim import LoadedModel
     from mllama_tpu.serve.app import ServerConfig, create_app
-    from mllama_tpu.serve.conversation import Limits
+    from mllama_tpu.serve.conversation import Limits, PromptCounter
     from mllama_tpu.serve.pool import EnginePool
+    from mllama_tpu.session import LoadedModel
+    from mllama_tpu.token_config import default_token_config, open_processor
 
     devids = parse_devids(args.devid)
     if args.backend == "onnx" and len(devids) > 1:
@@ -84,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     if not is_loopback(args.host) and not api_key:
         log.warning("binding %s without an API key: anyone who reaches this address can use the model", args.host)
     model = Path(args.model_path)
+    token_config = Path(args.tokenizer_path) if args.tokenizer_path else default_token_config(model)
+    counter = PromptCounter(open_processor(token_config))  # checked before the slow engine loads
     models = []
     for d in devids:
         log.info("loading %s (%s) on device %d", model, args.backend, d)
-        models.append(LoadedModel.open(args.backend, model, args.tokenizer_path, d))
+        # Each engine its own processor: the workers tokenize and decode at the same time.
+        models.append(LoadedModel.open(args.backend, model, token_config, d))
     pool = EnginePool(models, args.max_queue)
     config = ServerConfig(
         served_name=args.model_name or served_name(model),
@@ -95,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         api_key=api_key,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
     )
-    app = create_app(pool, config)
+    app = create_app(pool, counter, config)
     log.info("serving %s on http://%s:%d (%d engine(s), SEQ %d, key %s); chat page at /",
              config.served_name, args.host, args.port, len(models), models[0].seq_length,
              "required" if api_key else "off")

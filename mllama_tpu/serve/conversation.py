@@ -16,10 +16,14 @@ Sampling (OpenAI's fields onto the model's two token heads):
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import Any
 
 from mllama_tpu.errors import UserError
-from mllama_tpu.serve._interim import LoadedModel, SamplingParams, TurnRequest
+from mllama_tpu.inputs import prompt_features
+from mllama_tpu.sampling import SamplingParams
+from mllama_tpu.session import TurnRequest
 from mllama_tpu.serve.errors import ApiError
 from mllama_tpu.serve.image_url import image_from_url
 from mllama_tpu.serve.schema import ChatCompletionRequest, ImagePart, TextPart
@@ -36,6 +40,24 @@ class Limits:
 class PreparedTurn:
     turn: TurnRequest
     prompt_tokens: int
+
+
+class PromptCounter:
+    """Prompt tokens of a conversation, on the request side, before it waits for an engine.
+
+    Not LoadedModel.count_prompt_tokens: that encodes the image on the engine, a device call that
+    must not run beside the worker that owns it. The ids depend on the text alone (the image is
+    one <|image|> token whatever its tiles), so the processor's tokenizer is enough. It gets its
+    own processor, and a lock: a fast tokenizer is not safe to share across threads.
+    """
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self._lock = threading.Lock()
+
+    def __call__(self, messages: list[dict]) -> int:
+        with self._lock:
+            return int(prompt_features(self.processor, messages, None)["input_ids"].shape[1])
 
 
 def frequency_to_repeat_penalty(frequency_penalty: float) -> float:
@@ -122,7 +144,8 @@ def template_messages(req: ChatCompletionRequest, limits: Limits):
     return messages, image
 
 
-def prepare_turn(req: ChatCompletionRequest, model: LoadedModel, served_name: str, limits: Limits) -> PreparedTurn:
+def prepare_turn(req: ChatCompletionRequest, count: PromptCounter, seq: int, served_name: str,
+                 limits: Limits) -> PreparedTurn:
     """Blocking (the processor tokenizes, the image is decoded): run it in a worker thread."""
     if req.model != served_name:
         raise ApiError(404, f"model {req.model!r} is not served here: use {served_name!r} (GET /v1/models)",
@@ -131,11 +154,7 @@ def prepare_turn(req: ChatCompletionRequest, model: LoadedModel, served_name: st
     sampling = sampling_of(req)
     stop = stops_of(req)
     messages, image = template_messages(req, limits)
-    try:
-        prompt_tokens = model.count_prompt_tokens(messages, image)
-    except UserError as e:
-        raise ApiError(400, str(e), "messages", "invalid_value") from None
-    seq = model.seq_length
+    prompt_tokens = count(messages)
     room = seq - prompt_tokens
     if room < 1:
         raise ApiError(400, f"the prompt has {prompt_tokens} tokens, the model's limit is {seq} (prompt and answer "

@@ -13,7 +13,7 @@ import io
 import re
 
 from mllama_tpu.errors import UserError
-from mllama_tpu.serve._interim import decode_image
+from mllama_tpu.images import decode_image
 from mllama_tpu.serve.errors import ApiError
 
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.S)
@@ -46,7 +46,7 @@ def image_from_url(url: str, where: str, max_pixels: int):
     try:
         return decode_image(data, where)
     except UserError as e:
-        raise ApiError(400, f"{e}: send a complete PNG, JPEG, WebP, ... image", where, "invalid_image") from None
+        raise ApiError(400, str(e), where, "invalid_image") from None
 
 
 def check_pixels(data: bytes, where: str, max_pixels: int) -> None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mllama_tpu.errors import UserError
-from mllama_tpu.serve._interim import LoadedModel, TurnDone, TurnRequest, produce_turn
+from mllama_tpu.inputs import PromptTooLong
+from mllama_tpu.session import LoadedModel, TurnDone, TurnRequest, produce_turn
 
 log = logging.getLogger("mllama_tpu.serve")
 
@@ -126,7 +127,7 @@ class EnginePool:
         for w in self._workers:
             w.join(timeout=30)
         for m in self.models:
-            m.engine.close()
+            m.close()
 
     def _work(self, index: int) -> None:
         model = self.models[index]
@@ -158,7 +159,7 @@ class EnginePool:
                         job.request_id, index, event.prompt_tokens, len(event.tokens), started - job.enqueued,
                         event.ftl_s, event.tps, event.stop_reason,
                     )
-        except UserError as e:
+        except (UserError, PromptTooLong) as e:  # the request side counts the prompt first: rare
             job._emit(Refused(str(e)))
         except Exception as e:  # the engine failed: the request gets a 503, the worker goes on
             log.error("%s engine %d failed: %s", job.request_id, index, e, exc_info=True)

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from mllama_tpu.serve._interim import TextPiece, TurnDone
+from mllama_tpu.session import TextPiece, TurnDone
 from mllama_tpu.serve.errors import ApiError, error_body
 from mllama_tpu.serve.pool import Failed, Job, Refused
 
