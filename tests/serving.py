@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -108,7 +109,14 @@ def running_server(log_dir: Path, *args: str, key: str | None = KEY, timeout: fl
 
 def pipeline_turns(backend: str, model: Path, questions: list[str], image: Path | None = None,
                    *flags: str) -> list[dict]:
-    """`pipeline.py --json`'s turns ({question, answer, tokens, ftl_s, tps}) for these questions."""
+    """`pipeline.py --json`'s turns ({question, answer, tokens, ftl_s, tps}) for these questions
+    (one run per distinct call in a test session: the runs are the slow part of these tests)."""
+    return [dict(t) for t in _pipeline_turns(backend, Path(model), tuple(questions), image, flags)]
+
+
+@functools.lru_cache(maxsize=None)
+def _pipeline_turns(backend: str, model: Path, questions: tuple[str, ...], image: Path | None,
+                    flags: tuple[str, ...]) -> list[dict]:
     cmd = [sys.executable, str(PIPELINE), "--backend", backend, "-m", str(model), "--json", *flags]
     if image is not None:
         cmd += ["-i", str(image)]
@@ -117,7 +125,7 @@ def pipeline_turns(backend: str, model: Path, questions: list[str], image: Path 
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     turns = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"question"')]
-    assert [t["question"] for t in turns] == questions, r.stdout
+    assert [t["question"] for t in turns] == list(questions), r.stdout
     return turns
 
 

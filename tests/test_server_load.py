@@ -22,7 +22,7 @@ import pytest
 from conftest import CACHE
 from serving import SAMPLES, TRUTH, pipeline_turns, running_server, user_turn
 
-IMAGES = [SAMPLES / "green_circle_right_on_white_4x1.png", SAMPLES / "black_triangle_right_on_white_2x1.png"]
+IMAGES = [SAMPLES / "yellow_square_right_on_blue_1x2.png", SAMPLES / "black_triangle_right_on_white_2x1.png"]
 NEVER_SAID = ("<|python_tag|>", 383)
 ENDLESS_SEQ = 512  # room for turns of seconds, even on the ONNX engine (~100 tokens/s here)
 LONG = 400
