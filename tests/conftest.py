@@ -51,3 +51,20 @@ def tiny_bmodel(tiny_onnx_dir: Path):
         return made[mode, lm_head_w8]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_onnx_dir: Path):
+    """The exported token_config's processor (what every engine test prompts with)."""
+    from mllama_tpu.inputs import load_processor
+
+    return load_processor(tiny_onnx_dir / "token_config")
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_model_dir: Path):
+    """transformers' model on the tiny weights: the truth."""
+    import torch
+    from transformers import MllamaForConditionalGeneration
+
+    return MllamaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -11,14 +11,12 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from mllama_tpu.engines.bmodel import BmodelEngine
 from mllama_tpu.engines.onnx import OnnxEngine
 from mllama_tpu.generate import STOP_EOS, STOP_SEQLEN, generate
 from mllama_tpu.inputs import (
     decode_self_mask,
-    load_processor,
     pad_token_id,
     prefill_inputs,
     prepare_image,
@@ -54,18 +52,6 @@ def engine(bmodel_path):
 @pytest.fixture(scope="module")
 def onnx_engine(tiny_onnx_dir):
     return OnnxEngine(tiny_onnx_dir)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_onnx_dir):
-    return load_processor(tiny_onnx_dir / "token_config")
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    from transformers import MllamaForConditionalGeneration
-
-    return MllamaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
 def engine_tokens(engine, processor, case: Case, max_new_tokens: int, eos: list[int]) -> list[int]:

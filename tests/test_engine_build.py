@@ -90,6 +90,8 @@ def test_module_imports_and_reports_its_interface(module_path):
     for name in ("init", "deinit", "encode_image", "clear_image", "prefill", "decode", "decode_self_mask",
                  "decode_cross_masks", "net_io", "net_stats", "memory_info", "SEQLEN", "position"):
         assert f"'{name}'" in names, name
+    # Sampling rules are Python's alone (mllama_tpu/sampling.py): the binding has no settings or defaults.
+    assert "sampling" not in names
 
 
 def test_bad_device_id_is_an_exception_not_an_abort(module_path, tmp_path):

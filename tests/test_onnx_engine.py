@@ -6,14 +6,13 @@ pieces with onnxruntime through mllama_tpu.inputs + mllama_tpu.generate.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mllama_tpu.engines.onnx import OnnxEngine
 from mllama_tpu.errors import UserError
 from mllama_tpu.manifest import token_facts
 from mllama_tpu.sampling import SamplingParams
 from mllama_tpu.generate import STOP_EOS, STOP_SEQLEN
-from mllama_tpu.inputs import load_processor, prefill_inputs, process
+from mllama_tpu.inputs import prefill_inputs, process
 from mllama_tpu.tiny.task import LAYOUTS
 from tests.parity_cases import engine_generate, hf_generate, make_cases
 
@@ -26,18 +25,6 @@ CASES = make_cases(SEED, two_turn=1, text_prompt="Hello")
 @pytest.fixture(scope="module")
 def engine(tiny_onnx_dir):
     return OnnxEngine(tiny_onnx_dir)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_onnx_dir):
-    return load_processor(tiny_onnx_dir / "token_config")
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_model_dir):
-    from transformers import MllamaForConditionalGeneration
-
-    return MllamaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
 def test_cases_cover_every_layout(processor):
