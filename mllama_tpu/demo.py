@@ -4,6 +4,8 @@ With no arguments: export assets/tiny-mllama, compile it to an int4 bmodel (both
 build/demo/, so a second run starts chatting at once), then ask the C++ engine on the simulator
 (or a real BM1684X) the toy task's four questions about each sample image in assets/samples/.
 With arguments it is pipeline.py: `./run_demo.sh -m NAME.bmodel -t token_config -i image.jpg`.
+With --serve it builds (or reuses) the same bmodel and serves it over the OpenAI API with the chat
+page at http://127.0.0.1:8000/ (`./run_demo.sh --serve [server.py flags, e.g. --port 8080]`).
 """
 from __future__ import annotations
 
@@ -58,7 +60,19 @@ def chat_about_samples(bmodel: Path) -> int:
     return 0
 
 
+def serve(argv: list[str]) -> int:
+    from mllama_tpu.serve.cli import main as server_main
+
+    bmodel = build_tiny_bmodel()
+    log = WORK / "simulator.log"
+    os.environ.setdefault("MLLAMA_SIMULATOR_LOG", str(log))  # the firmware's chatter, away from the server log
+    print(f"== serve (simulator messages, if any: {log.relative_to(REPO_ROOT)})", flush=True)
+    return server_main(["-m", str(bmodel), "--model_name", "tiny-mllama", *argv])
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--serve":
+        return serve(argv[1:])
     if argv:
         sys.path.insert(0, str(REPO_ROOT / "python_demo"))
         import pipeline
