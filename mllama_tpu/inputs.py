@@ -146,6 +146,12 @@ def prompt_features(processor: Any, messages: Sequence[dict], image: ImageInputs
     return out
 
 
+def count_prompt_tokens(processor: Any, messages: Sequence[dict]) -> int:
+    """Tokens of a conversation's prompt. The ids depend on the text alone (an image is one
+    <|image|> token whatever its tiles), so no image, and no device, is needed."""
+    return int(prompt_features(processor, messages, None)["input_ids"].shape[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # masks
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from mllama_tpu.inputs import (
     PrefillInputs,
     PromptTooLong,
     assistant_message,
+    count_prompt_tokens,
     pad_token_id,
     prefill_inputs,
     prepare_image,
@@ -101,9 +102,8 @@ class LoadedModel:
         return prefill_inputs(features["input_ids"][0], self.seq_length, pad_token_id(self.processor),
                               features.get("cross_attention_mask"), self.engine.num_patches, self.engine.max_tiles)
 
-    def count_prompt_tokens(self, messages: Sequence[dict], image: Any | None) -> int:
-        tiles = self.use_image(image)
-        return int(prompt_features(self.processor, messages, tiles)["input_ids"].shape[1])
+    def count_prompt_tokens(self, messages: Sequence[dict]) -> int:
+        return count_prompt_tokens(self.processor, messages)
 
     def close(self) -> None:
         self.engine.close()
@@ -274,7 +274,7 @@ class ChatSession:
     def prompt_length(self, question: str) -> int:
         """Tokens the next turn's prompt would have (history included), before any refusal."""
         history = self.messages if self.enable_history else []
-        return self.model.count_prompt_tokens(self._conversation(question.strip(), history), self.image)
+        return self.model.count_prompt_tokens(self._conversation(question.strip(), history))
 
     def _request(self, convo: list[dict]) -> TurnRequest:
         return TurnRequest(convo, self.image, self.max_new_tokens, self.sampling)
@@ -288,7 +288,7 @@ class ChatSession:
         convo = self._conversation(question, history)
         restarted = False
         try:
-            tokens = self.model.count_prompt_tokens(convo, self.image)
+            tokens = self.model.count_prompt_tokens(convo)
             if tokens > self.model.seq_length or (history and tokens + self.answer_room > self.model.seq_length):
                 raise PromptTooLong(tokens, self.model.seq_length)
         except PromptTooLong as e:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mllama_tpu.errors import UserError
-from mllama_tpu.inputs import prompt_features
+from mllama_tpu.inputs import count_prompt_tokens
 from mllama_tpu.sampling import SamplingParams
 from mllama_tpu.session import TurnRequest
 from mllama_tpu.serve.errors import ApiError
@@ -45,10 +45,8 @@ class PreparedTurn:
 class PromptCounter:
     """Prompt tokens of a conversation, on the request side, before it waits for an engine.
 
-    Not LoadedModel.count_prompt_tokens: that encodes the image on the engine, a device call that
-    must not run beside the worker that owns it. The ids depend on the text alone (the image is
-    one <|image|> token whatever its tiles), so the processor's tokenizer is enough. It gets its
-    own processor, and a lock: a fast tokenizer is not safe to share across threads.
+    inputs.count_prompt_tokens on the server's own processor (not an engine's, which its worker
+    uses), behind a lock: a fast tokenizer is not safe to share across threads.
     """
 
     def __init__(self, processor: Any):
@@ -57,7 +55,7 @@ class PromptCounter:
 
     def __call__(self, messages: list[dict]) -> int:
         with self._lock:
-            return int(prompt_features(self.processor, messages, None)["input_ids"].shape[1])
+            return count_prompt_tokens(self.processor, messages)
 
 
 def frequency_to_repeat_penalty(frequency_penalty: float) -> float:
