@@ -162,7 +162,9 @@ def test_heads_at_the_real_vocabulary_match_onnx(real_vocab_bmodel, real_vocab_o
     rng = np.random.default_rng(3)
     logits = (2 * rng.standard_normal((1, real_vocab.VOCAB_SIZE))).astype(np.float32)
     top = np.argsort(-logits[0])[:6]
-    recent = np.concatenate([top[:3], rng.integers(0, real_vocab.VOCAB_SIZE, 61)]).reshape(1, 64).astype(np.int32)
+    # prompt ids are in the window too, <|image|> (128256) among them: past lm_head, it changes nothing
+    recent = np.concatenate([top[:3], [real_vocab.IMAGE_TOKEN_ID],
+                             rng.integers(0, real_vocab.VOCAB_SIZE, 60)]).reshape(1, 64).astype(np.int32)
     feed = {"logits": logits, "recent_ids": recent, "top_p": np.array([0.9], np.float32),
             "temperature": np.array([0.8], np.float32), "repeat_penalty": np.array([1.3], np.float32)}
     sim = run_nets(real_vocab_bmodel("f32"), {"greedy_head": {"logits": logits}, "penalty_sample_head": feed})

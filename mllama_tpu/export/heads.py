@@ -100,9 +100,14 @@ class PenaltySampleHead(nn.Module):
     def forward(self, logits: torch.Tensor, recent_ids: torch.Tensor, top_p: torch.Tensor,
                 temperature: torch.Tensor, repeat_penalty: torch.Tensor):
         # Repeat penalty (as transformers: negative logits multiplied, positive divided) on seen ids.
-        ids = recent_ids.to(torch.int64)
-        seen = torch.gather(logits, 1, ids)
-        logits = logits.scatter(1, ids, torch.where(seen < 0, seen * repeat_penalty, seen / repeat_penalty))
+        # The window holds prompt ids too, and <|image|> is past lm_head: ids >= V go to a spare
+        # slot V, so no gather or scatter leaves the tensor.
+        v = logits.shape[-1]
+        ids = torch.clamp(recent_ids.to(torch.float32), max=float(v)).to(torch.int64)
+        padded = torch.cat([logits, torch.zeros(1, 1)], dim=1)
+        seen = torch.gather(padded, 1, ids)
+        padded = padded.scatter(1, ids, torch.where(seen < 0, seen * repeat_penalty, seen / repeat_penalty))
+        logits = padded[:, :v]
         # Top-k first (temperature > 0 keeps the order), then temperature, then top-p.
         values, tokens = self.top_k(logits.reshape(-1))
         probs = torch.softmax(values.view(1, -1) / temperature, dim=-1)
