@@ -26,7 +26,7 @@ find_python310() {
     return 1
 }
 
-want_hash="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+want_hash="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want_hash" ]; then
     if [ ! -x "$VENV/bin/python" ]; then
         if ! PY310="$(find_python310)"; then
@@ -41,6 +41,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want_hash
     fi
     # Large wheels (tpu-mlir ~300 MB, CUDA torch several GB): a few minutes on a cold cache.
     "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
+    "$VENV/bin/python" -m pip install -q --no-deps --ignore-requires-python -r "$ROOT/requirements-nodeps.txt"
     echo "$want_hash" > "$STAMP"
 fi
 

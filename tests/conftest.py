@@ -68,3 +68,51 @@ def hf_model(tiny_model_dir: Path):
     from transformers import MllamaForConditionalGeneration
 
     return MllamaForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def real_vocab_model_dir() -> Path:
+    """The random tiny Mllama with Llama 3.2's tokenizer (mllama_tpu.real_vocab), rebuilt when the
+    code that writes it changes (its files are stamped with their checksums)."""
+    import hashlib
+    import shutil
+
+    from mllama_tpu import real_vocab
+    from mllama_tpu.export import random_checkpoint
+    from mllama_tpu.tiny import build, tokenizer
+
+    out = CACHE / "real-vocab-model"
+    sources = [Path(m.__file__) for m in (real_vocab, random_checkpoint, build, tokenizer)]
+    sources.append(real_vocab.published_tokenizer_file())
+    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+    if (out / "stamp").is_file() and (out / "stamp").read_text() == stamp:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    real_vocab.write_model(out)
+    (out / "stamp").write_text(stamp)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_vocab_onnx_dir(real_vocab_model_dir: Path) -> Path:
+    from mllama_tpu.export import export_model
+
+    out = CACHE / "onnx-real-vocab"
+    export_model(real_vocab_model_dir, out, TEST_SEQ_LENGTH)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_vocab_bmodel(real_vocab_onnx_dir: Path):
+    """Factory: real_vocab_bmodel("f32" | "int4") -> the real-vocabulary model compiled (once per run)."""
+    from mllama_tpu.compile import compile_model
+
+    made: dict[str, Path] = {}
+
+    def get(mode: str) -> Path:
+        if mode not in made:
+            made[mode] = compile_model(real_vocab_onnx_dir, mode, "realvocab", TEST_SEQ_LENGTH,
+                                       CACHE / f"bmodel-real-vocab-{mode}")
+        return made[mode]
+
+    return get

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 
 import torch
 
@@ -23,9 +24,12 @@ class Case:
     messages: list[dict]
     scene: data.Scene | None
     expected: str | None  # the toy task's answer to the last question
+    picture: Any = None  # an image given as is, for models that are not the toy task's
 
     @property
     def image(self):
+        if self.picture is not None:
+            return self.picture
         return data.render(self.scene) if self.scene is not None else None
 
 
@@ -60,7 +64,8 @@ def make_cases(seed: int, two_turn: int, text_prompt: str) -> list[Case]:
 def hf_generate(model, processor, case: Case, max_new_tokens: int) -> list[int]:
     """transformers' greedy generate on the processor's output: the truth."""
     text = processor.apply_chat_template(case.messages, add_generation_prompt=True)
-    images = [case.image] if case.scene is not None else None
+    image = case.image
+    images = [image] if image is not None else None
     f = processor(images=images, text=text, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**f, max_new_tokens=max_new_tokens, do_sample=False)
@@ -70,7 +75,7 @@ def hf_generate(model, processor, case: Case, max_new_tokens: int) -> list[int]:
 def engine_generate(engine, processor, case: Case, max_new_tokens: int, eos: list[int]) -> Generation:
     """The same case through the runtime's own input path (the image processor once, then the
     prompt) and mllama_tpu.generate on any Engine."""
-    image = prepare_image(processor, case.image) if case.scene is not None else None
+    image = prepare_image(processor, case.image) if case.image is not None else None
     if image is not None:
         engine.encode_image(image)
     f = prompt_features(processor, case.messages, image)

@@ -55,8 +55,10 @@ def test_f32_bmodel_matches_onnx(tiny_onnx_dir: Path, tiny_bmodel) -> None:
     for net, entry in rep["nets"].items():
         assert entry["quantize"] == "F32", net
         assert all(t["dtype"] in ("float32", "int32") for t in entry["inputs"] + entry["outputs"]), net
-    # TPU-MLIR's estimate is kept for every static net (the TopK-only greedy head is dynamic).
-    assert all(rep["nets"][n]["estimate"]["cycles"] > 0 for n in rep["nets"] if not rep["nets"][n]["dynamic"])
+    # Every net, the token heads included, is one static subnet with TPU-MLIR's estimate.
+    for net, entry in rep["nets"].items():
+        assert not entry["dynamic"] and entry["subnets"] == 1, net
+        assert entry["estimate"]["cycles"] > 0, net
 
     checks = parity.check_nets(tiny_onnx_dir, bmodel)
     assert {c.net for c in checks} == set(rep["nets"])

@@ -218,7 +218,8 @@ def test_penalty_sample_head(tiny, top_p, temperature, penalty):
     logits = (3 * rng.randn(1, v)).astype(np.float32)
     top = np.argsort(-logits[0])[:8]
     recent = np.concatenate([top[:4], rng.randint(0, v, 6)])  # penalise some of the leaders
-    window = np.concatenate([recent, np.full(r - len(recent), recent[0])]).reshape(1, r).astype(np.int32)
+    # the engine's window holds prompt ids too: <|image|> (= V, past lm_head) changes nothing
+    window = np.concatenate([recent, [v], np.full(r - len(recent) - 1, recent[0])]).reshape(1, r).astype(np.int32)
     probs, tokens = run(out, "penalty_sample_head", logits=logits, recent_ids=window,
                         top_p=np.array([top_p], np.float32), temperature=np.array([temperature], np.float32),
                         repeat_penalty=np.array([penalty], np.float32))

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         for stage in stages:
             nets = list(STAGES[stage])
             if side == "ours" and stage == "decode":
-                nets.append("greedy_head")  # ours keeps top-1 in its own net
+                nets += ["greedy_head", "penalty_sample_head"]  # ours: the token heads are their own nets
             if side == "ours" and not args.big_tables:
                 nets = [n for n in nets if n not in BIG_TABLES]
             if stage == "vit":

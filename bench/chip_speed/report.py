@@ -4,7 +4,7 @@ Extrapolation (exact for the text stack, because every text layer is its own net
 layers of one kind have the same shapes):
   decode step  = embedding_cache + n_self x block_cache(self) + n_cross x block_cache(cross)
                  + lm_head [+ greedy_head: ours is a separate net, llm_convert fuses top-1 into
-                 lm_head]
+                 lm_head]; with penalty sampling, ours' penalty_sample_head instead of greedy_head
   first token  = vit + embedding + n_self x block(self) + n_cross x block(cross) + lm_head
                  [+ greedy_head], for a 4-tile image and a prompt of seq_length tokens
                  (the prefill nets are static: they always process seq_length tokens).
@@ -84,6 +84,9 @@ def summarize(side: SideResult, dims: Dims, r1: Reduced, r2: Reduced | None) -> 
             notes.append(f"{net} is a dynamic net: no estimate, counted as 0")
             continue
         decode += n * c[net].ms
+    sample_ms = None  # the same step with the sampling head instead of the greedy one
+    if not missing and all(h in c and c[h].estimated for h in ("greedy_head", "penalty_sample_head")):
+        sample_ms = round(decode - c["greedy_head"].ms + c["penalty_sample_head"].ms, 3)
     prefill_parts = {"embedding": 1, f"block_{SELF}": dims.num_self,
                      f"block_{CROSS}": dims.num_cross, "lm_head": 1, "greedy_head": 1}
     prefill, pmissing = 0.0, []
@@ -103,6 +106,7 @@ def summarize(side: SideResult, dims: Dims, r1: Reduced, r2: Reduced | None) -> 
     return {
         "decode_ms": None if missing else round(decode, 3),
         "decode_missing": missing,
+        "decode_sample_ms": sample_ms,
         "prefill_ms": None if pmissing else round(prefill, 3),
         "prefill_missing": pmissing,
         "prefill_text_ms": text_prefill,  # the same without the vit
@@ -185,7 +189,8 @@ def table(res: dict) -> str:
     lines = [f"## {res['model']} · seq {res['seq_length']} · {res['quantize']} · {res['chip']}",
              "", "| figure (full model) | ours | llm_convert | ours / llm_convert |",
              "|---|---|---|---|"]
-    for key, label in (("decode_ms", "decode ms / token"),
+    for key, label in (("decode_ms", "decode ms / token (greedy head)"),
+                       ("decode_sample_ms", "decode ms / token (penalty sampling head)"),
                        ("prefill_ms", "first token ms (4 tiles, full prompt)"),
                        ("prefill_text_ms", "  of which embedding + blocks + lm_head"),
                        ("vit_ms", "  of which vit")):

@@ -17,25 +17,31 @@ from mllama_tpu.profile import parse_profile
 
 # `model_tool --info` lines: "net 3: [block_0]  static", "input: name, [1, 16], int32, scale: ..."
 _NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]\s*(?P<kind>\w*)")
+_SUBNETS = re.compile(r"^subnet number: (\d+)")  # printed only when a net has more than one
 _IO = re.compile(r"^(?P<kind>input|output): (?P<name>.+?), \[(?P<shape>[^\]]*)\], (?P<dtype>\w+)")
 
 
 def parse_model_info(text: str) -> dict[str, dict[str, Any]]:
-    """net -> {"dynamic": bool, "inputs": [...], "outputs": [...]} (first stage only)."""
+    """net -> {"dynamic": bool, "subnets": int, "inputs": [...], "outputs": [...]} (first stage only)."""
     nets: dict[str, dict[str, Any]] = {}
     current: dict[str, Any] | None = None
     for line in text.splitlines():
         line = line.strip()
         if m := _NET.match(line):
             current = nets.setdefault(m["name"], {"inputs": [], "outputs": []})
-            # TPU-MLIR makes a net dynamic by itself when an op needs it (TopK in the heads).
+            # TPU-MLIR makes a net dynamic, or splits it into subnets, by itself when an op needs
+            # it (TopK runs on the hardware sort unit, in a dynamic subnet).
             current["dynamic"] = m["kind"] == "dynamic"
+            current["subnets"] = 1
             seen_stage = False
             continue
         if line.startswith("stage ") and current is not None:
             if seen_stage:  # later stages of a dynamic net: not ours, ignore
                 current = None
             seen_stage = True
+            continue
+        if current is not None and (m := _SUBNETS.match(line)):
+            current["subnets"] = int(m[1])
             continue
         if current is not None and (m := _IO.match(line)):
             # Dynamic nets print their max shape as "max:N".

@@ -59,7 +59,7 @@ def _serve(bmodel: str, requests: str, results: str) -> None:
                 raise ValueError(f"input {t.name} of net {net_name}: {value.shape} vs {t.data.shape}")
             # Copy raw bits: the buffer's numpy type need not be the element type (bf16 is uint16).
             t.data.reshape(-1).view(np.uint8)[:] = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-        # forward_dynamic also runs the nets TPU-MLIR made dynamic (TopK heads); shapes are full.
+        # forward_dynamic also runs nets TPU-MLIR made dynamic (any TopK would be); shapes are full.
         shapes = net.forward_dynamic([list(t.data.shape) for t in net.inputs])
         for i, t in enumerate(net.outputs):
             value = _from_device(t.data, t.dtype).reshape(-1)[: int(np.prod(shapes[i]))]

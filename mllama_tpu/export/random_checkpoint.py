@@ -25,20 +25,26 @@ class TensorSpec:
 
 
 def tiny_config(text_layers: int = 4, cross_layers: tuple[int, ...] = (1, 3), vocab_size: int = 320,
-                image_size: int = 56, patch_size: int = 14) -> dict[str, Any]:
-    """A few-kB Mllama config with every feature of the real one (GQA, llama3 rope, gated vision)."""
+                image_size: int = 56, patch_size: int = 14, special_ids: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """A few-kB Mllama config with every feature of the real one (GQA, llama3 rope, gated vision).
+
+    special_ids: eos_token_id (list), bos_token_id, pad_token_id, image_token_index; by default
+    the last ids of the vocabulary, and the image token one past it."""
+    ids = {"eos_token_id": [vocab_size - 1], "bos_token_id": vocab_size - 2, "pad_token_id": vocab_size - 3,
+           "image_token_index": vocab_size, **(special_ids or {})}
     vision_hidden, n_inter = 32, 2
     return _mllama_config(
         text=dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=text_layers, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=128, cross_attention_layers=list(cross_layers),
-                  max_position_embeddings=2048, eos_token_id=[vocab_size - 1], bos_token_id=vocab_size - 2,
-                  pad_token_id=vocab_size - 3,
+                  max_position_embeddings=2048, eos_token_id=ids["eos_token_id"], bos_token_id=ids["bos_token_id"],
+                  pad_token_id=ids["pad_token_id"],
                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256}),
         vision=dict(hidden_size=vision_hidden, num_hidden_layers=3, num_global_layers=2, attention_heads=2,
                     intermediate_size=64, image_size=image_size, patch_size=patch_size, max_num_tiles=4,
                     intermediate_layers_indices=[0, 2][:n_inter], vision_output_dim=vision_hidden * (1 + n_inter)),
-        image_token_index=vocab_size,
+        image_token_index=ids["image_token_index"],
     )
 
 
@@ -189,6 +195,10 @@ def write_random_checkpoint(out_dir: str | Path, cfg: dict[str, Any], dtype: tor
     index = {"metadata": {"total_size": sum((out / f).stat().st_size for f in files.values())},
              "weight_map": {k: files[i] for k, i in sorted(weight_map.items())}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    cfg = {**cfg, "torch_dtype": str(dtype).removeprefix("torch.")}
+    import transformers
+
+    # transformers_version as save_pretrained writes it: without it transformers 5 takes a local
+    # tokenizer beside this config for an old Mistral one and warns about its regex.
+    cfg = {**cfg, "torch_dtype": str(dtype).removeprefix("torch."), "transformers_version": transformers.__version__}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out

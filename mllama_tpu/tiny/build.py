@@ -17,16 +17,20 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def build_processor() -> MllamaProcessor:
-    # The PIL image processor: the default (torchvision) one needs torchvision, which the project
-    # does not install; the saved preprocessor_config.json names this class so AutoProcessor
-    # picks it too.
+    return pil_processor(tok.build_tokenizer(), TILE_SIZE, MAX_TILES)
+
+
+def pil_processor(tokenizer, tile_size: int, max_tiles: int) -> MllamaProcessor:
+    """Mllama's processor with the PIL image processor: the default (torchvision) one needs
+    torchvision, which the project does not install; save_processor names this class in the
+    saved configs so AutoProcessor picks it too."""
     image_processor = MllamaImageProcessorPil(
-        size={"height": TILE_SIZE, "width": TILE_SIZE},
-        max_image_tiles=MAX_TILES,
+        size={"height": tile_size, "width": tile_size},
+        max_image_tiles=max_tiles,
         image_mean=CLIP_MEAN,  # the normalisation Llama-3.2-Vision's processor uses
         image_std=CLIP_STD,
     )
-    return MllamaProcessor(image_processor, tok.build_tokenizer(), chat_template=tok.CHAT_TEMPLATE)
+    return MllamaProcessor(image_processor, tokenizer, chat_template=tok.CHAT_TEMPLATE)
 
 
 def global_position_table(config, amplitude: float = 0.3) -> torch.Tensor:
@@ -89,7 +93,10 @@ def save_model_dir(model: MllamaForConditionalGeneration, out_dir: Path) -> None
     out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config = generation_config()
     model.float().save_pretrained(str(out_dir), safe_serialization=True)
-    processor = build_processor()
+    save_processor(build_processor(), out_dir)
+
+
+def save_processor(processor: MllamaProcessor, out_dir: Path) -> None:
     processor.save_pretrained(str(out_dir))
     # Also the standalone preprocessor_config.json that tools reading only the image processor
     # (and transformers 4.x) look for.
