@@ -7,6 +7,7 @@ and "New chat" starts over. The screenshot is saved as build/server-page.png for
 """
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -33,7 +34,10 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1200,900", "--no-first-run", "--disable-extensions"):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    # Importing TPU-MLIR (earlier tests in this process) puts its libraries on LD_LIBRARY_PATH in
+    # os.environ; the browser must load the system's.
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD")}
+    driver = webdriver.Chrome(service=Service(driver_path, env=env), options=opts)
     yield driver
     driver.quit()
 
