@@ -38,17 +38,16 @@ def tiny_onnx_dir(tiny_model_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bmodel(tiny_onnx_dir: Path):
     """Factory: tiny_bmodel("f32") -> path of the tiny model compiled in that mode (once per run);
-    tiny_bmodel("int4", lm_head_w8=True) with compile's --lm_head_w8."""
+    tiny_bmodel("int4", lm_head="float") with compile's --lm_head float."""
     from mllama_tpu.compile import compile_model
 
-    made: dict[tuple[str, bool], Path] = {}
+    made: dict[tuple[str, str | None], Path] = {}
 
-    def get(mode: str, lm_head_w8: bool = False) -> Path:
-        if (mode, lm_head_w8) not in made:
-            out = CACHE / (f"bmodel-{mode}-w8lm" if lm_head_w8 else f"bmodel-{mode}")
-            made[mode, lm_head_w8] = compile_model(tiny_onnx_dir, mode, "tiny", TEST_SEQ_LENGTH, out,
-                                                   lm_head_w8=lm_head_w8)
-        return made[mode, lm_head_w8]
+    def get(mode: str, lm_head: str | None = None) -> Path:
+        if (mode, lm_head) not in made:
+            out = CACHE / (f"bmodel-{mode}-{lm_head}-lm" if lm_head else f"bmodel-{mode}")
+            made[mode, lm_head] = compile_model(tiny_onnx_dir, mode, "tiny", TEST_SEQ_LENGTH, out, lm_head=lm_head)
+        return made[mode, lm_head]
 
     return get
 

@@ -70,12 +70,13 @@ def test_f32_bmodel_matches_onnx(tiny_onnx_dir: Path, tiny_bmodel) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,block_quant,other_quant,lm_head_w8", [
-    ("int4", "W4BF16", "BF16", False), ("int8", "W8BF16", "BF16", False), ("bf16", "BF16", "BF16", False),
-    ("f16", "F16", "F16", False), ("int4", "W4BF16", "BF16", True)])
+@pytest.mark.parametrize("mode,block_quant,other_quant,lm_head,lm_head_quant", [
+    ("int4", "W4BF16", "BF16", None, ("W8BF16", 64)), ("int8", "W8BF16", "BF16", None, ("W8BF16", 64)),
+    ("bf16", "BF16", "BF16", None, ("BF16", None)), ("f16", "F16", "F16", None, ("F16", None)),
+    ("int4", "W4BF16", "BF16", "float", ("BF16", None))])
 def test_quantized_bmodel_close_to_onnx(tiny_onnx_dir: Path, tiny_bmodel, mode: str, block_quant: str,
-                                        other_quant: str, lm_head_w8: bool) -> None:
-    bmodel = tiny_bmodel(mode, lm_head_w8)
+                                        other_quant: str, lm_head: str | None, lm_head_quant: tuple) -> None:
+    bmodel = tiny_bmodel(mode, lm_head)
     assert_contract(bmodel, tiny_onnx_dir)
     rep = report(bmodel)
     nets = rep["nets"]
@@ -84,8 +85,7 @@ def test_quantized_bmodel_close_to_onnx(tiny_onnx_dir: Path, tiny_bmodel, mode: 
     assert nets["block_0"]["quantize"] == block_quant
     assert nets["block_0"]["q_group_size"] == (64 if block_quant.startswith("W") else None)  # per-group W4/W8
     assert nets["vit"]["quantize"] == other_quant and nets["greedy_head"]["quantize"] == "F32"
-    assert (nets["lm_head"]["quantize"], nets["lm_head"]["q_group_size"]) == (
-        ("W8BF16", 64) if lm_head_w8 else (other_quant, None))
+    assert (nets["lm_head"]["quantize"], nets["lm_head"]["q_group_size"]) == lm_head_quant
     # Device-only tensors are bf16 (f16), host-facing ones keep f32/i32 (what the engine relies on).
     dtypes = {(n, t["name"]): t["dtype"] for n, e in nets.items() for t in e["inputs"]}
     assert dtypes[("block_cache_0", "history_k")] == device

@@ -60,7 +60,11 @@ def test_unknown_mode(tmp_path: Path) -> None:
 
 
 def test_w8_lm_head_only_with_int4_or_int8(tmp_path: Path) -> None:
-    one_error_line(run(compile_args(tmp_path, tmp_path / "out", "bf16", "--lm_head_w8")), "--lm_head_w8", "int4")
+    one_error_line(run(compile_args(tmp_path, tmp_path / "out", "bf16", "--lm_head", "w8")), "--lm_head w8", "int4")
+
+
+def test_unknown_lm_head_precision(tmp_path: Path) -> None:
+    one_error_line(run(compile_args(tmp_path, tmp_path / "out", "int4", "--lm_head", "w4")), "--lm_head 'w4'", "float")
 
 
 def test_missing_onnx_dir(tmp_path: Path) -> None:

@@ -250,14 +250,13 @@ def test_int4_bmodel_runs_with_bf16_device_tensors(tiny_bmodel, onnx_engine, pro
         e.close()
 
 
-@pytest.mark.parametrize("mode,lm_head_w8", [("int8", False), ("bf16", False), ("f16", False), ("int4", True)])
-def test_other_modes_answer_like_the_f32_reference(tiny_bmodel, onnx_engine, processor, hf_model, mode,
-                                                   lm_head_w8):
+@pytest.mark.parametrize("mode,lm_head", [("int8", None), ("bf16", None), ("f16", None), ("int4", "float")])
+def test_other_modes_answer_like_the_f32_reference(tiny_bmodel, onnx_engine, processor, hf_model, mode, lm_head):
     """int4 has its own 100-pair gate (test_int4_accuracy.py); the other quantized modes, and int4
-    with a W8 lm_head, must give the f32 reference's tokens on the parity cases, all but at most one."""
+    with a bf16 lm_head, must give the f32 reference's tokens on the parity cases, all but at most one."""
     eos = list(hf_model.generation_config.eos_token_id)
     onnx_engine.set_sampling(SamplingParams())
-    quantized = BmodelEngine(tiny_bmodel(mode, lm_head_w8))
+    quantized = BmodelEngine(tiny_bmodel(mode, lm_head))
     try:
         quantized.set_sampling(SamplingParams())
         differ = [c.name for c in CASES

@@ -19,6 +19,7 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
+from mllama_tpu.compile.policy import lm_head_precision
 from mllama_tpu.errors import UserError, cli_main
 
 from .checkpoint import DIMS, Reduced, make_checkpoint
@@ -28,7 +29,8 @@ from .report import SideResult, build, table
 # Nets holding a vocab x hidden table (2.1 GB in f32 ONNX at 11B dims). model_transform.py
 # took 16 GB (19 GB with onnxsim, OOM-killed) on them, more than a shared 24 GB machine has, so
 # by default ours are not compiled and llm_convert's estimates stand in (same work: one gather,
-# or final norm + bf16 vocab matmul), flagged in the report. --big_tables compiles them.
+# or final norm + bf16 vocab matmul), flagged in the report. --big_tables compiles them. A W8
+# lm_head (int4's default) is not the work of llm_convert's bf16 one, so it is always compiled.
 BIG_TABLES = ("embedding", "embedding_cache", "lm_head")
 
 STAGES = {
@@ -90,11 +92,13 @@ def run(args: argparse.Namespace) -> int:
     from .ours import build_ours
 
     def ours_fn(ck, w, seq, nets, log):
-        return build_ours(ck, w, seq, nets, log=log, reuse=args.reuse, lm_head_w8=args.lm_head_w8)
+        return build_ours(ck, w, seq, nets, log=log, reuse=args.reuse, lm_head=args.lm_head)
 
     def llmc_fn(ck, w, seq, nets, log):
         return build_llmc(ck, w, seq, nets, log=log)
 
+    lm_head = lm_head_precision("int4", args.lm_head)  # ours are built int4 (build_ours)
+    substituted = () if args.big_tables else tuple(n for n in BIG_TABLES if (n, lm_head) != ("lm_head", "w8"))
     results = []
     for side in sides:
         fn, sub = (ours_fn, "ours") if side == "ours" else (llmc_fn, "llm_convert")
@@ -103,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
             nets = list(STAGES[stage])
             if side == "ours" and stage == "decode":
                 nets += ["greedy_head", "penalty_sample_head"]  # ours: the token heads are their own nets
-            if side == "ours" and not args.big_tables:
-                nets = [n for n in nets if n not in BIG_TABLES]
+            if side == "ours":
+                nets = [n for n in nets if n not in substituted]
             if stage == "vit":
                 _side(side, fn, vit1, work / f"{sub}-vit", args.seq_length, nets, costs, errors)
             else:
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(SideResult(side, costs, errors))
 
     res = build(dims, args.seq_length, results, r1, r2 if deep is not None else None,
-                substituted=() if args.big_tables else BIG_TABLES)
+                substituted=substituted)
     res["wall_s"] = round(time.time() - t0, 1)
     md = table(res)
     out = work / f"chip_speed_{args.model}.json"
@@ -136,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", default="ours,llm_convert")
     p.add_argument("--vit_depths", type=int, default=2, choices=(1, 2),
                    help="build the vit at 2 depths to extrapolate its per-layer cost (default)")
-    p.add_argument("--lm_head_w8", action="store_true",
-                   help="ours: compile lm_head W8BF16 (compile.sh --lm_head_w8); needs --big_tables to matter")
+    p.add_argument("--lm_head", default=None, metavar="w8|float",
+                   help="ours: lm_head precision as compile.sh --lm_head (default: int4's, w8)")
     p.add_argument("--big_tables", action="store_true",
                    help="also compile our embedding/lm_head nets (~10 GB of RAM at 11B without onnxsim)")
     p.add_argument("--reuse", action="store_true",

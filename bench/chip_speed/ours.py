@@ -38,7 +38,7 @@ def _file_bytes(entry: dict) -> int:
 
 
 def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, group: int,
-                  chip: str, lm_head_w8: bool = False) -> Path:
+                  chip: str, lm_head: str | None = None) -> Path:
     """Compile one exported piece alone; returns its working dir (bmodel + profile inside)."""
     d = work / net
     d.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,7 @@ def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, 
     stamp = d / "stamp.json"
     ins = entry["inputs"]
     outs = entry["outputs"]
-    pol = piece_policy(net, mode, group, [i["name"] for i in ins], [o["name"] for o in outs], lm_head_w8)
+    pol = piece_policy(net, mode, group, [i["name"] for i in ins], [o["name"] for o in outs], lm_head)
     # As the compile stage's stamp: the flags passed decide the bmodel, not the mode's name.
     key = {"sha256": entry["sha256"], "chip": chip, "policy": pol.to_dict()}
     if bmodel.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
@@ -66,7 +66,7 @@ def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, 
 
 def build_ours(ckpt: Path, work: Path, seq_length: int, nets: list[str], mode: str = "int4",
                group: int = 64, chip: str = "bm1684x", log=print,
-               reuse: bool = False, lm_head_w8: bool = False) -> dict[str, Path]:
+               reuse: bool = False, lm_head: str | None = None) -> dict[str, Path]:
     """Export the named pieces (cached by the export's own manifest) and compile each.
 
     reuse: take a net compiled before as it is, even if the export code changed since (the
@@ -88,5 +88,5 @@ def build_ours(ckpt: Path, work: Path, seq_length: int, nets: list[str], mode: s
     for net in nets:
         log(f"[ours] compile {net}")
         dirs[net] = compile_piece(net, manifest["pieces"][net], onnx_dir, work / "compile",
-                                  mode, group, chip, lm_head_w8)
+                                  mode, group, chip, lm_head)
     return dirs

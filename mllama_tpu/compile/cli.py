@@ -1,7 +1,7 @@
 """CLI of compile/compile.sh: compile an export dir into one bmodel.
 
   ./compile/compile.sh --mode int4 --name llama3.2-11b --seq_length 512 [--onnx_dir tmp/onnx] [--out .]
-                       [--jobs N] [--group_size 64] [--lm_head_w8] [--chip bm1684x] [--tpu_mlir_path DIR]
+                       [--jobs N] [--group_size 64] [--lm_head w8|float] [--chip bm1684x] [--tpu_mlir_path DIR]
 
 Bad input: `error: ...` and exit 2. A piece that fails to compile: its name, log path and last
 log lines, exit 1. Interrupted (Ctrl-C or SIGTERM): running tools are killed, exit 130; run the
@@ -38,8 +38,9 @@ def add_compile_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seq_length", type=int, required=True, help="max tokens; must match the export")
     ap.add_argument("--jobs", type=int, default=None, help="parallel piece compiles (default: cores)")
     ap.add_argument("--group_size", type=int, default=64, help="weight group size of int4/int8 (default 64)")
-    ap.add_argument("--lm_head_w8", action="store_true",
-                    help="int4/int8: lm_head W8BF16 instead of BF16 (11B decode ~7%% faster, logits slightly less exact)")
+    ap.add_argument("--lm_head", default=None, metavar="w8|float",
+                    help="lm_head precision: w8 (W8BF16, the default of int4/int8: 11B decode ~7%% faster) or "
+                    "float (the activation type: BF16, F16 or F32; the default of the float modes)")
     ap.add_argument("--chip", default="bm1684x", help=f"target: {', '.join(CHIPS)} (default bm1684x)")
     ap.add_argument("--tpu_mlir_path", default=None, help="TPU-MLIR source build (with envsetup.sh); "
                     "default: the installed tpu-mlir")
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> None:
         out = compile_model(args.onnx_dir, args.mode, args.name, args.seq_length, args.out, jobs=args.jobs,
                             group_size=args.group_size, chip=args.chip, tpu_mlir_path=args.tpu_mlir_path,
-                            progress=not args.no_progress, lm_head_w8=args.lm_head_w8)
+                            progress=not args.no_progress, lm_head=args.lm_head)
         print(out)
 
     return run_guarded(go)

@@ -69,11 +69,11 @@ def _job(plan: _Plan, tc: Toolchain, chip: str, env: dict[str, str], transform_v
 
 
 def _plan(export: Export, out_dir: Path, mode: str, group_size: int, chip: str, version: str,
-          lm_head_w8: bool) -> list[_Plan]:
+          lm_head: str) -> list[_Plan]:
     plans = []
     for p in export.pieces:
         pol = policy.piece_policy(p.net, mode, group_size, [t.name for t in p.inputs], [t.name for t in p.outputs],
-                                  lm_head_w8)
+                                  lm_head)
         key = cache.StampKey(p.digest, mode, group_size, chip, pol.to_dict(), version)
         plans.append(_Plan(p, pol, key, out_dir / "pieces" / f"{p.net}.bmodel", out_dir / "work" / p.net,
                            out_dir / "logs" / f"{p.net}.log"))
@@ -101,11 +101,11 @@ def _exclusive(out_dir: Path):
 
 def compile_model(onnx_dir: str | Path, mode: str, name: str, seq_length: int, out_dir: str | Path,
                   jobs: int | None = None, group_size: int = 64, chip: str = "bm1684x",
-                  tpu_mlir_path: str | Path | None = None, progress: bool = True, lm_head_w8: bool = False
+                  tpu_mlir_path: str | Path | None = None, progress: bool = True, lm_head: str | None = None
                   ) -> Path:
     """Compile an export into out_dir/NAME-vision_MODE_{seq}seq.bmodel; returns its path."""
     policy.check_mode(mode)
-    policy.check_lm_head_w8(mode, lm_head_w8)
+    lm_head = policy.lm_head_precision(mode, lm_head)
     policy.check_chip(chip)
     policy.check_group_size(group_size)
     if jobs is not None and jobs < 1:
@@ -114,15 +114,15 @@ def compile_model(onnx_dir: str | Path, mode: str, name: str, seq_length: int, o
     export = load_export(onnx_dir, seq_length)
     tc = find_toolchain(tpu_mlir_path)
     with _exclusive(out_dir):
-        return _compile(export, tc, mode, name, seq_length, out_dir, jobs, group_size, chip, progress, lm_head_w8)
+        return _compile(export, tc, mode, name, seq_length, out_dir, jobs, group_size, chip, progress, lm_head)
 
 
 def _compile(export: Export, tc: Toolchain, mode: str, name: str, seq_length: int, out_dir: Path,
-             jobs: int | None, group_size: int, chip: str, progress: bool, lm_head_w8: bool) -> Path:
+             jobs: int | None, group_size: int, chip: str, progress: bool, lm_head: str) -> Path:
     cores = os.cpu_count() or 1
     max_jobs = max(1, min(jobs or cores, cores))
 
-    plans = _plan(export, out_dir, mode, group_size, chip, tc.version, lm_head_w8)
+    plans = _plan(export, out_dir, mode, group_size, chip, tc.version, lm_head)
     todo = [pl for pl in plans if not cache.is_fresh(pl.bmodel, pl.key)]
     space.check_space(out_dir, space.estimate_bytes(mode, [pl.piece.total_size for pl in todo],
                                                     [p.total_size for p in export.pieces], max_jobs))

@@ -4,9 +4,11 @@ The decoder blocks carry almost all weights, so they take the mode's precision (
 with per-group scales, int8 = W8BF16). Everything that is small but sensitive keeps a float
 precision: the vision encoder and the embeddings at the mode's activation type (BF16, or F16 in
 f16 mode), lm_head at the activation type too (its logits decide every token), and the two
-sampling heads in F32 (top-k and softmax over the vocabulary need the range). Opt-in for int4/int8:
-`lm_head_w8` gives lm_head W8BF16 with per-group scales: lm_head is the largest single read of a
-decode step, so halving its bytes pays, at a small cost in logit accuracy (README, Benchmarks).
+sampling heads in F32 (top-k and softmax over the vocabulary need the range). The one exception:
+in int4/int8, lm_head is W8BF16 with per-group scales by default (`lm_head="w8"`): it is the
+largest single read of a decode step, so halving its bytes takes the 11B decode step under the
+110 ms goal, at a small cost in logit accuracy (README, Benchmarks); `lm_head="float"` keeps it
+at the activation type.
 
 Tensors that only travel from one net to another on the device (hidden states, KV cache, cross
 states) are stored in the activation type: stripping their casts (`--quant_input_list` /
@@ -93,17 +95,27 @@ def is_block(net: str) -> bool:
     return contract.layer_of(net) is not None
 
 
-def check_lm_head_w8(mode: str, lm_head_w8: bool) -> None:
-    if lm_head_w8 and check_mode(mode) not in ("int4", "int8"):
-        raise UserError(f"--lm_head_w8 goes with --mode int4 or int8, not {mode}")
+LM_HEAD_CHOICES = ("w8", "float")
+
+
+def lm_head_precision(mode: str, lm_head: str | None = None) -> str:
+    """The lm_head precision for `mode`: "w8" or "float"; None asks for the mode's default."""
+    weight_quantized = check_mode(mode) in ("int4", "int8")
+    if lm_head is None:
+        return "w8" if weight_quantized else "float"
+    if lm_head not in LM_HEAD_CHOICES:
+        raise UserError(f"--lm_head {lm_head!r} is unknown; use one of: {', '.join(LM_HEAD_CHOICES)}")
+    if lm_head == "w8" and not weight_quantized:
+        raise UserError(f"--lm_head w8 goes with --mode int4 or int8, not {mode}")
+    return lm_head
 
 
 def piece_policy(net: str, mode: str, group_size: int, input_names: list[str],
-                 output_names: list[str], lm_head_w8: bool = False) -> PiecePolicy:
-    check_lm_head_w8(mode, lm_head_w8)
+                 output_names: list[str], lm_head: str | None = None) -> PiecePolicy:
+    lm_head = lm_head_precision(mode, lm_head)
     if net in ("greedy_head", "penalty_sample_head"):
         return PiecePolicy("F32", None)
-    if net == "lm_head" and lm_head_w8:
+    if net == "lm_head" and lm_head == "w8":
         quantize = "W8BF16"
     else:
         quantize = _BLOCK_QUANT[mode] if is_block(net) else _ACT_QUANT[mode]

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     policy.check_mode(args.mode)
     policy.check_chip(args.chip)
     policy.check_group_size(args.group_size)
-    policy.check_lm_head_w8(args.mode, args.lm_head_w8)
+    policy.lm_head_precision(args.mode, args.lm_head)
     _sigterm_as_interrupt()
     model_path = Path(args.model_path) if args.model_path else download(args.model_name, Path("."))
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         out = compile_model(manifest.parent, args.mode, args.model_name, args.seq_length, args.out,
                             jobs=args.jobs, group_size=args.group_size, chip=args.chip,
                             tpu_mlir_path=args.tpu_mlir_path, progress=not args.no_progress,
-                            lm_head_w8=args.lm_head_w8)
+                            lm_head=args.lm_head)
         print(out)
 
     return run_guarded(go)
