@@ -14,11 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, no install needed
 
-from mllama_tpu.errors import UserError, cli_main  # noqa: E402
+from mllama_tpu.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model_path", required=True, help="HF Mllama checkpoint directory")
     parser.add_argument("-s", "--seq_length", required=True, help="static sequence length (KV cache size)")
     parser.add_argument("-f", "--folder", default="./tmp/onnx", help="output directory (default ./tmp/onnx)")

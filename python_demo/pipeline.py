@@ -22,7 +22,7 @@ if __name__ == "__main__":
     exec_with_preload([str(Path(__file__).resolve()), *sys.argv[1:]])
 
 from mllama_tpu.engines import BACKENDS  # noqa: E402
-from mllama_tpu.errors import UserError, cli_main  # noqa: E402
+from mllama_tpu.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from mllama_tpu.images import load_image  # noqa: E402
 from mllama_tpu.sampling import GENERATION_MODES, SamplingParams  # noqa: E402
 from mllama_tpu.session import ChatSession, LoadedModel  # noqa: E402
@@ -34,7 +34,7 @@ DEFAULT_SAMPLING = SamplingParams()
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = DEFAULT_SAMPLING
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model_path", required=True, help="NAME.bmodel, or an export dir with --backend onnx")
     p.add_argument("-t", "--tokenizer_path", default=None, help="token_config dir (default: next to the model)")
     p.add_argument("-i", "--image_path", default=None, help="image to talk about (omit for a text-only chat)")

@@ -35,21 +35,26 @@ def tiny_onnx_dir(tiny_model_dir: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_bmodel(tiny_onnx_dir: Path):
-    """Factory: tiny_bmodel("f32") -> path of the tiny model compiled in that mode (once per run);
-    tiny_bmodel("int4", lm_head="float") with compile's --lm_head float."""
+def _bmodel_factory(onnx_dir: Path, name: str, cache_prefix: str):
+    """get(mode, lm_head=None) -> the export compiled in that mode, once per run (cached across runs)."""
     from mllama_tpu.compile import compile_model
 
     made: dict[tuple[str, str | None], Path] = {}
 
     def get(mode: str, lm_head: str | None = None) -> Path:
         if (mode, lm_head) not in made:
-            out = CACHE / (f"bmodel-{mode}-{lm_head}-lm" if lm_head else f"bmodel-{mode}")
-            made[mode, lm_head] = compile_model(tiny_onnx_dir, mode, "tiny", TEST_SEQ_LENGTH, out, lm_head=lm_head)
+            out = CACHE / (f"{cache_prefix}-{mode}-{lm_head}-lm" if lm_head else f"{cache_prefix}-{mode}")
+            made[mode, lm_head] = compile_model(onnx_dir, mode, name, TEST_SEQ_LENGTH, out, lm_head=lm_head)
         return made[mode, lm_head]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_bmodel(tiny_onnx_dir: Path):
+    """Factory: tiny_bmodel("f32") -> path of the tiny model compiled in that mode;
+    tiny_bmodel("int4", lm_head="float") with compile's --lm_head float."""
+    return _bmodel_factory(tiny_onnx_dir, "tiny", "bmodel")
 
 
 @pytest.fixture(scope="session")
@@ -103,15 +108,5 @@ def real_vocab_onnx_dir(real_vocab_model_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def real_vocab_bmodel(real_vocab_onnx_dir: Path):
-    """Factory: real_vocab_bmodel("f32" | "int4") -> the real-vocabulary model compiled (once per run)."""
-    from mllama_tpu.compile import compile_model
-
-    made: dict[str, Path] = {}
-
-    def get(mode: str) -> Path:
-        if mode not in made:
-            made[mode] = compile_model(real_vocab_onnx_dir, mode, "realvocab", TEST_SEQ_LENGTH,
-                                       CACHE / f"bmodel-real-vocab-{mode}")
-        return made[mode]
-
-    return get
+    """Factory: real_vocab_bmodel("f32" | "int4") -> the real-vocabulary model compiled in that mode."""
+    return _bmodel_factory(real_vocab_onnx_dir, "realvocab", "bmodel-real-vocab")

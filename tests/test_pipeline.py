@@ -264,6 +264,7 @@ def test_bad_inputs_at_startup(backend, model_path, images, tmp_path, token_conf
         "missing_image": (base + ["-i", str(tmp_path / "nope.jpg"), "-q", QUESTION], "not found"),
         "missing_model": (["--backend", backend, "-m", str(tmp_path / "nothing"), "-q", QUESTION], "not found"),
         "missing_token_config": (base + ["-t", str(tmp_path / "tc"), "-q", QUESTION], "token_config"),
+        "unknown_flag": (base + ["--temprature", "0.5", "-q", QUESTION], "unrecognized arguments"),
     }
     for name, (args, words) in cases.items():
         r = run_cli(*args)

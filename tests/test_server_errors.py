@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from serving import KEY, SAMPLES, data_url, running_server, user_turn
+from serving import KEY, SAMPLES, SERVER, data_url, running_server, user_turn
 
 IMAGE = SAMPLES / "white_triangle_left_on_yellow_1x1.png"
 MAX_PIXELS = 250_000
@@ -157,3 +157,14 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     assert "/v1/chat/completions" in r.stdout
     assert server.alive()
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--port", "70000"], "not a port number"), (["--port", "abc"], "invalid int value"),
+    (["--devid", "0,0"], "distinct device ids"), (["--max_queue", "-1"], "--max_queue must be >= 0"),
+    (["--backend", "tpu"], "invalid choice"), (["-m", "/nonexistent.bmodel"], "not found")])
+def test_bad_flags_are_one_line_before_the_port_is_bound(flags, words):
+    args = ["-m", str(IMAGE)] + flags  # any existing path passes the model check; flags fail first
+    r = subprocess.run([sys.executable, str(SERVER), *args], capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr

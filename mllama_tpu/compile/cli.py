@@ -16,7 +16,7 @@ import sys
 from mllama_tpu.compile.combine import CombineError
 from mllama_tpu.compile.jobs import JobFailed
 from mllama_tpu.compile.policy import CHIPS, MODES
-from mllama_tpu.errors import UserError, cli_main
+from mllama_tpu.errors import ArgumentParser, UserError, cli_main
 
 
 ENV_HELP = """environment:
@@ -24,13 +24,6 @@ ENV_HELP = """environment:
   MLLAMA_TPU_NO_ZYGOTE=1    run model_transform.py as a plain process per piece (no shared pre-imported one)
   OMP_NUM_THREADS=N         threads per TPU-MLIR job (default: cores / jobs)
 output: NAME-vision_MODE_SEQseq.bmodel, token_config/, compile_report.json, pieces/, logs/ in --out"""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a UserError (one line, exit 2) like every other bad input."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message} (see --help)")
 
 
 def add_compile_args(ap: argparse.ArgumentParser) -> None:
@@ -48,7 +41,7 @@ def add_compile_args(ap: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="compile.sh", description="Compile exported ONNX pieces into one bmodel with TPU-MLIR.",
+    ap = ArgumentParser(prog="compile.sh", description="Compile exported ONNX pieces into one bmodel with TPU-MLIR.",
                  epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True, help="model name; output NAME-vision_MODE_SEQseq.bmodel")
     ap.add_argument("--onnx_dir", default="tmp/onnx", help="export dir with manifest.json (default tmp/onnx)")

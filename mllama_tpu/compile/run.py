@@ -13,8 +13,8 @@ import argparse
 from pathlib import Path
 
 from mllama_tpu.compile import policy
-from mllama_tpu.compile.cli import ENV_HELP, _Parser, _sigterm_as_interrupt, add_compile_args, run_guarded
-from mllama_tpu.errors import UserError, cli_main
+from mllama_tpu.compile.cli import ENV_HELP, _sigterm_as_interrupt, add_compile_args, run_guarded
+from mllama_tpu.errors import ArgumentParser, UserError, cli_main
 
 # ModelScope ids of the instruct checkpoints, by the names the original project used.
 MODELSCOPE_IDS = {
@@ -24,7 +24,7 @@ MODELSCOPE_IDS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="run_compile.sh", description="Export a Mllama checkpoint and compile it into one bmodel.",
+    ap = ArgumentParser(prog="run_compile.sh", description="Export a Mllama checkpoint and compile it into one bmodel.",
                  epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_name", required=True, help="e.g. llama3.2-11b; output NAME-vision_MODE_SEQseq.bmodel")
     ap.add_argument("--model_path", default=None, help="HF checkpoint dir (default: download with modelscope)")

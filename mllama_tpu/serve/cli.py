@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from mllama_tpu.errors import UserError
+from mllama_tpu.errors import ArgumentParser, UserError
 
 API_KEY_ENV = "MLLAMA_API_KEY"
 log = logging.getLogger("mllama_tpu.serve")
@@ -21,7 +21,7 @@ log = logging.getLogger("mllama_tpu.serve")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from mllama_tpu.engines import BACKENDS
 
-    p = argparse.ArgumentParser(prog="server.py", description="OpenAI-compatible chat server (and chat page at /)")
+    p = ArgumentParser(prog="server.py", description="OpenAI-compatible chat server (and chat page at /)")
     p.add_argument("-m", "--model_path", required=True, help="NAME.bmodel, or an export dir with --backend onnx")
     p.add_argument("-t", "--tokenizer_path", default=None, help="token_config dir (default: next to the model)")
     p.add_argument("--devid", default="0", help="device id(s), comma separated: one engine per device")

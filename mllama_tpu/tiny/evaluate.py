@@ -10,7 +10,6 @@ CLI: python -m mllama_tpu.tiny.evaluate --model assets/tiny-mllama --seed 202611
 """
 from __future__ import annotations
 
-import argparse
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, MllamaForConditionalGeneration, MllamaProcessor
 
-from mllama_tpu.errors import UserError, cli_main
+from mllama_tpu.errors import ArgumentParser, UserError, cli_main
 from mllama_tpu.tiny import encode
 from mllama_tpu.tiny.data import LAYOUTS, Sample, make_sample, messages_for, render
 from mllama_tpu.tiny.task import QUESTIONS
@@ -137,7 +136,7 @@ def summary(results: list[PairResult]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("assets/tiny-mllama"))
     parser.add_argument("--seed", type=int, default=HELDOUT_SEED)
     parser.add_argument("--count", type=int, default=200)

@@ -6,14 +6,13 @@ colour, shape, side, questions: {question: expected answer}}}.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
 
 from PIL import Image
 
-from mllama_tpu.errors import cli_main
+from mllama_tpu.errors import ArgumentParser, cli_main
 from mllama_tpu.tiny.data import make_scene, make_turn, render
 from mllama_tpu.tiny.task import QUESTIONS
 
@@ -61,7 +60,7 @@ def write_samples(out_dir: Path) -> dict[str, dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("assets/samples"))
     args = parser.parse_args()
     for name in write_samples(args.out):

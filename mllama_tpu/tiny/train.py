@@ -9,7 +9,6 @@ CLI: python -m mllama_tpu.tiny.train --out assets/tiny-mllama --seed 0 --steps 3
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import MllamaForConditionalGeneration
 
-from mllama_tpu.errors import UserError, cli_main
+from mllama_tpu.errors import ArgumentParser, UserError, cli_main
 from mllama_tpu.tiny import aux, build, encode
 from mllama_tpu.tiny import tokenizer as tok
 from mllama_tpu.tiny.data import make_sample
@@ -185,7 +184,7 @@ def _save(model: MllamaForConditionalGeneration, cfg: TrainConfig, result: Train
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="model directory to write")
     defaults = TrainConfig(out=Path("."))
     for name in ("seed", "steps", "batch_size", "warmup", "eval_every", "val_count", "threads", "log_every", "position_init"):
