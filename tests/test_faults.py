@@ -33,6 +33,12 @@ IMAGE = SAMPLES / "yellow_square_right_on_blue_1x2.png"
 Q1, Q2, Q3, Q4 = list(TRUTH[IMAGE.name]["questions"])
 
 
+def fresh_answers(model: Path) -> list[dict]:
+    """pipeline.py's answers to Q1, Q3, Q4, each a fresh conversation with the image, in a run
+    never killed or faulted (one run per test session, shared by the tests below)."""
+    return pipeline_turns("bmodel", model, [Q1, Q3, Q4], IMAGE)
+
+
 def read_until(proc: subprocess.Popen, predicate, timeout: float = 300) -> str:
     """proc's stdout as it comes, until predicate(text so far) or timeout."""
     text, fd, end = b"", proc.stdout.fileno(), time.monotonic() + timeout
@@ -117,7 +123,7 @@ def pipeline_json(model: Path, questions: list[str], *flags: str, env: dict | No
 @pytest.mark.slow
 def test_killed_chat_turn_then_a_fresh_run_answers_the_same(tiny_bmodel):
     model = tiny_bmodel("f32")
-    reference = pipeline_turns("bmodel", model, [Q1], IMAGE)  # a run never killed
+    reference = fresh_answers(model)
     proc = subprocess.Popen([sys.executable, str(PIPELINE), "-m", str(model), "-i", str(IMAGE), "-q", Q1],
                             cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     shown = read_until(proc, lambda t: "Answer: " in t and len(t.split("Answer: ", 1)[1]) > 0)
@@ -158,7 +164,7 @@ def fault_env(shim: Path, plan: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_failed_launch_mid_turn_restarts_the_conversation(tiny_bmodel, fail_launch):
     model = tiny_bmodel("f32")
-    fresh = pipeline_turns("bmodel", model, [Q1, Q3, Q4], IMAGE)  # each a fresh conversation: no history
+    fresh = fresh_answers(model)
     # With history: Q1 answers; Q2 fails at its 2nd decode step (block_cache_1's launches: Q1's
     # decodes, then 2 more); Q3 is a new conversation; Q4 (after Q3, in it) fails in its prefill
     # (block_0 runs once per prefill); Q5 = Q1 asked again starts anew.
@@ -197,7 +203,7 @@ def content_chunks(stream, n: int) -> str:
 @pytest.mark.slow
 def test_server_survives_a_failed_launch_a_hang_up_and_kill_9(tiny_bmodel, fail_launch, tmp_path, monkeypatch):
     model = tiny_bmodel("f32")
-    ref = pipeline_turns("bmodel", model, [Q1], IMAGE)[0]
+    ref = fresh_answers(model)[0]
     ask = dict(messages=[user_turn(Q1, IMAGE)], max_tokens=64)
     # Request 1 runs block_cache_1 once per decode; request 2 (streamed) fails at its 2nd decode;
     # request 3 (whole) fails in its prefill (block_0 runs once per prefill).
