@@ -43,6 +43,7 @@ class EngineFailed(Exception):
     """The engine (device or runtime) failed during a turn. Not the user's input: the turn is
     lost, and what the device held for it (the encoded image) is no longer trusted."""
 
+
 # ---------------------------------------------------------------------------------------------
 # the model: an engine, its processor, its stop ids, the image it has encoded
 # ---------------------------------------------------------------------------------------------
