@@ -301,7 +301,7 @@ class ChatSession:
                 with _engine_step(self.model, f"encoding the image {path}"):
                     self.model.use_image(image)
             except EngineFailed as e:
-                raise UserError(f"{e}; keeping the previous image: try again or restart the program") from None
+                raise UserError(f"{e}: try again; if it keeps failing, restart the program and check the device") from None
             self.image, self.image_path = image, str(path)
         self.reset()
 

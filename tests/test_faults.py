@@ -205,9 +205,10 @@ def test_server_survives_a_failed_launch_a_hang_up_and_kill_9(tiny_bmodel, fail_
     model = tiny_bmodel("f32")
     ref = fresh_answers(model)[0]
     ask = dict(messages=[user_turn(Q1, IMAGE)], max_tokens=64)
-    # Request 1 runs block_cache_1 once per decode; request 2 (streamed) fails at its 2nd decode;
-    # request 3 (whole) fails in its prefill (block_0 runs once per prefill).
-    plan = f"block_cache_1:{len(ref['tokens']) + 2},block_0:3"
+    # Request 1 runs vit, block_0 once (prefill) and block_cache_1 once per decode. Request 2
+    # (streamed) fails at its 2nd decode. The failure drops the encoded image, so request 3 runs
+    # vit again: that launch fails. Request 4 encodes the image and fails in its prefill.
+    plan = f"block_cache_1:{len(ref['tokens']) + 2},vit:2,block_0:3"
     for k, v in fault_env(fail_launch, plan).items():
         monkeypatch.setenv(k, v)
     with running_server(tmp_path, "--backend", "bmodel", "-m", str(model)) as server:
@@ -222,15 +223,16 @@ def test_server_survives_a_failed_launch_a_hang_up_and_kill_9(tiny_bmodel, fail_
         message = str(streamed_error.value)
         assert "net 'block_cache_1'" in message and "(decode)" in message and "retry" in message, message
 
-        with pytest.raises(openai.APIStatusError) as whole_error:
-            client.chat.completions.create(model=server.model, **ask)
-        assert whole_error.value.status_code == 503
-        body = whole_error.value.body
-        assert body["code"] == "engine_failed" and "net 'block_0'" in body["message"] and "(prefill)" in body["message"]
+        for net, doing in [("vit", "encoding the image"), ("block_0", "(prefill)")]:
+            with pytest.raises(openai.APIStatusError) as whole_error:
+                client.chat.completions.create(model=server.model, **ask)
+            assert whole_error.value.status_code == 503
+            body = whole_error.value.body
+            assert body["code"] == "engine_failed" and f"net '{net}'" in body["message"] and doing in body["message"]
 
         again = client.chat.completions.create(model=server.model, **ask)
         assert (again.choices[0].message.content, again.usage.completion_tokens) == (ref["answer"], len(ref["tokens"]))
-        assert server.log().count("fail_launch: failing launch") == 2 and "Traceback" not in server.log()
+        assert server.log().count("fail_launch: failing launch") == 3 and "Traceback" not in server.log()
 
         # A client that hangs up mid-stream: the next request is answered in full, the same.
         stream = client.chat.completions.create(model=server.model, stream=True, **ask)
