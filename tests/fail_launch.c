@@ -2,7 +2,9 @@
  *
  * Interposes bmrt_launch_tensor_ex. FAIL_LAUNCH="net:N[,net:N...]" makes the N-th launch
  * (1-based, counted per net) of each named net return false without running, as libbmrt does
- * when the device refuses a launch; every other call goes to the real function.
+ * when the device refuses a launch. HANG_LAUNCH (same form) makes those launches never return,
+ * as a hung device would: a kill -9 then lands in the middle of a turn, not after it. Every
+ * other call goes to the real function.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -11,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef bool (*launch_fn)(void *, const char *, const void *, int, void *, int, bool, bool);
 
@@ -48,9 +51,9 @@ static long count_launch(const char *net) {
   return n;
 }
 
-/* Whether FAIL_LAUNCH names launch `n` of `net`. */
-static bool planned_failure(const char *net, long n) {
-  const char *plan = getenv("FAIL_LAUNCH");
+/* Whether the plan in env var `var` names launch `n` of `net`. */
+static bool planned(const char *var, const char *net, long n) {
+  const char *plan = getenv(var);
   size_t len = strlen(net);
   for (const char *p = plan; p && *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL)
     if (strncmp(p, net, len) == 0 && p[len] == ':' && atol(p + len + 1) == n) return true;
@@ -60,9 +63,13 @@ static bool planned_failure(const char *net, long n) {
 bool bmrt_launch_tensor_ex(void *rt, const char *net, const void *in, int ni, void *out, int no,
                            bool user_mem, bool user_stmode) {
   const long n = count_launch(net);
-  if (planned_failure(net, n)) {
+  if (planned("FAIL_LAUNCH", net, n)) {
     fprintf(stderr, "fail_launch: failing launch %ld of net '%s'\n", n, net);
     return false;
+  }
+  if (planned("HANG_LAUNCH", net, n)) {
+    fprintf(stderr, "fail_launch: hanging in launch %ld of net '%s'\n", n, net);
+    for (;;) pause();
   }
   return real_launch()(rt, net, in, ni, out, no, user_mem, user_stmode);
 }

@@ -106,38 +106,7 @@ def test_killed_export_resumes_to_a_clean_export(tiny_model_dir, tiny_onnx_dir, 
 
 
 # ---------------------------------------------------------------------------------------------
-# kill -9 during a chat turn
-# ---------------------------------------------------------------------------------------------
-
-
-def pipeline_json(model: Path, questions: list[str], *flags: str, env: dict | None = None):
-    """(turns, stderr, returncode) of one fresh `pipeline.py --json` run with the image."""
-    cmd = [sys.executable, str(PIPELINE), "-m", str(model), "-i", str(IMAGE), "--json", *flags]
-    for q in questions:
-        cmd += ["-q", q]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, env=env)
-    turns = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"question"')]
-    return turns, r.stderr, r.returncode
-
-
-@pytest.mark.slow
-def test_killed_chat_turn_then_a_fresh_run_answers_the_same(tiny_bmodel):
-    model = tiny_bmodel("f32")
-    reference = fresh_answers(model)
-    proc = subprocess.Popen([sys.executable, str(PIPELINE), "-m", str(model), "-i", str(IMAGE), "-q", Q1],
-                            cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    shown = read_until(proc, lambda t: "Answer: " in t and len(t.split("Answer: ", 1)[1]) > 0)
-    assert proc.poll() is None, f"the turn ended before the kill: {shown!r}"
-    kill_group(proc)
-    partial = shown.split("Answer: ", 1)[1]
-    assert partial and reference[0]["answer"].startswith(partial) and "FTL" not in shown
-    turns, stderr, code = pipeline_json(model, [Q1])
-    assert code == 0, stderr[-3000:]
-    assert [(t["answer"], t["tokens"]) for t in turns] == [(reference[0]["answer"], reference[0]["tokens"])]
-
-
-# ---------------------------------------------------------------------------------------------
-# a net launch the device refuses, in the middle of a turn
+# the device fault shim (tests/fail_launch.c)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -153,12 +122,57 @@ def fail_launch(tmp_path_factory) -> Path:
     return so
 
 
-def fault_env(shim: Path, plan: str) -> dict[str, str]:
-    """This process's environment (the yield preload in it) with the fault shim preloaded too."""
+def fault_env(shim: Path, **plans: str) -> dict[str, str]:
+    """This process's environment (the yield preload in it) with the fault shim preloaded too and
+    its plans (FAIL_LAUNCH / HANG_LAUNCH="net:N,...")."""
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(filter(None, [str(shim), env.get("LD_PRELOAD")]))
-    env["FAIL_LAUNCH"] = plan
+    env.update(plans)
     return env
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 during a chat turn
+# ---------------------------------------------------------------------------------------------
+
+
+def pipeline_json(model: Path, questions: list[str], *flags: str, env: dict | None = None):
+    """(turns, stderr, returncode) of one fresh `pipeline.py --json` run with the image."""
+    cmd = [sys.executable, str(PIPELINE), "-m", str(model), "-i", str(IMAGE), "--json", *flags]
+    for q in questions:
+        cmd += ["-q", q]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, env=env)
+    turns = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"question"')]
+    return turns, r.stderr, r.returncode
+
+
+@pytest.mark.slow
+def test_killed_chat_turn_then_a_fresh_run_answers_the_same(tiny_bmodel, fail_launch, tmp_path):
+    model = tiny_bmodel("f32")
+    reference = fresh_answers(model)
+    # The 2nd decode step never returns, so the kill lands mid-answer whatever the machine's load.
+    log = tmp_path / "killed.stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(PIPELINE), "-m", str(model), "-i", str(IMAGE), "-q", Q1],
+                                cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=err,
+                                env=fault_env(fail_launch, HANG_LAUNCH="block_cache_1:2"))
+    shown = read_until(proc, lambda t: "Answer: " in t and len(t.split("Answer: ", 1)[1]) > 0)
+    end = time.monotonic() + 120
+    while "hanging in launch 2 of net 'block_cache_1'" not in log.read_text() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the turn ended before the kill: {shown!r}"
+    kill_group(proc)
+    partial = shown.split("Answer: ", 1)[1]
+    assert partial and reference[0]["answer"].startswith(partial) and partial != reference[0]["answer"]
+    assert "hanging in launch 2 of net 'block_cache_1'" in log.read_text(), "the kill did not land mid-launch"
+    turns, stderr, code = pipeline_json(model, [Q1])
+    assert code == 0, stderr[-3000:]
+    assert [(t["answer"], t["tokens"]) for t in turns] == [(reference[0]["answer"], reference[0]["tokens"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# a net launch the device refuses, in the middle of a turn
+# ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -171,7 +185,7 @@ def test_failed_launch_mid_turn_restarts_the_conversation(tiny_bmodel, fail_laun
     decodes_q1 = len(fresh[0]["tokens"])
     plan = f"block_cache_1:{decodes_q1 + 2},block_0:4"
     turns, stderr, code = pipeline_json(model, [Q1, Q2, Q3, Q4, Q1], "--enable_history",
-                                        env=fault_env(fail_launch, plan))
+                                        env=fault_env(fail_launch, FAIL_LAUNCH=plan))
     assert code == 2, stderr[-3000:]  # a turn failed: the scripted run says so in its status
     assert stderr.count("fail_launch: failing launch") == 2, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
@@ -201,20 +215,22 @@ def content_chunks(stream, n: int) -> str:
 
 
 @pytest.mark.slow
-def test_server_survives_a_failed_launch_a_hang_up_and_kill_9(tiny_bmodel, fail_launch, tmp_path, monkeypatch):
+def test_server_survives_a_failed_launch_kill_9_and_a_hang_up(tiny_bmodel, fail_launch, tmp_path, monkeypatch):
     model = tiny_bmodel("f32")
     ref = fresh_answers(model)[0]
     ask = dict(messages=[user_turn(Q1, IMAGE)], max_tokens=64)
-    # Request 1 runs vit, block_0 once (prefill) and block_cache_1 once per decode. Request 2
-    # (streamed) fails at its 2nd decode. The failure drops the encoded image, so request 3 runs
-    # vit again: that launch fails. Request 4 encodes the image and fails in its prefill.
-    plan = f"block_cache_1:{len(ref['tokens']) + 2},vit:2,block_0:3"
-    for k, v in fault_env(fail_launch, plan).items():
+    n = len(ref["tokens"])  # block_cache_1 launches of a whole answer (one per decode step)
+    # Request 1 runs vit, block_0 once (prefill) and block_cache_1 n times. Request 2 (streamed)
+    # fails at its 2nd decode. The failure drops the encoded image, so request 3 runs vit again:
+    # that launch fails. Request 4 encodes the image and fails in its prefill. Request 5 answers.
+    # Request 6 (streamed) hangs in its 2nd decode, and the server is killed there.
+    plans = {"FAIL_LAUNCH": f"block_cache_1:{n + 2},vit:2,block_0:3", "HANG_LAUNCH": f"block_cache_1:{2 * n + 4}"}
+    for k, v in fault_env(fail_launch, **plans).items():
         monkeypatch.setenv(k, v)
     with running_server(tmp_path, "--backend", "bmodel", "-m", str(model)) as server:
         client = server.client(timeout=60)
         first = client.chat.completions.create(model=server.model, **ask)
-        assert first.choices[0].message.content == ref["answer"]
+        assert (first.choices[0].message.content, first.usage.completion_tokens) == (ref["answer"], n)
 
         stream = client.chat.completions.create(model=server.model, stream=True, **ask)
         with pytest.raises(openai.APIError) as streamed_error:
@@ -231,28 +247,34 @@ def test_server_survives_a_failed_launch_a_hang_up_and_kill_9(tiny_bmodel, fail_
             assert body["code"] == "engine_failed" and f"net '{net}'" in body["message"] and doing in body["message"]
 
         again = client.chat.completions.create(model=server.model, **ask)
-        assert (again.choices[0].message.content, again.usage.completion_tokens) == (ref["answer"], len(ref["tokens"]))
+        assert (again.choices[0].message.content, again.usage.completion_tokens) == (ref["answer"], n)
         assert server.log().count("fail_launch: failing launch") == 3 and "Traceback" not in server.log()
-
-        # A client that hangs up mid-stream: the next request is answered in full, the same.
-        stream = client.chat.completions.create(model=server.model, stream=True, **ask)
-        assert content_chunks(stream, 1)
-        stream.close()
-        after = client.chat.completions.create(model=server.model, **ask)
-        assert after.choices[0].message.content == ref["answer"]
 
         # kill -9 of the server mid-stream: the client gets an error soon, not a hang.
         stream = client.chat.completions.create(model=server.model, stream=True, **ask)
         shown = content_chunks(stream, 1)
+        end = time.monotonic() + 60
+        while "hanging in launch" not in server.log() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert "hanging in launch" in server.log(), "the server is not inside the 2nd decode step"
         server.proc.kill()
         t = time.monotonic()
         with pytest.raises(openai.APIError):
             rest = [c for c in stream]
             raise AssertionError(f"the stream went on after the kill: {shown!r} + {len(rest)} chunks")
         assert time.monotonic() - t < 30
-        assert ref["answer"].startswith(shown) and shown != ref["answer"]
+        assert shown and ref["answer"].startswith(shown) and shown != ref["answer"]
 
-    monkeypatch.delenv("FAIL_LAUNCH")
+    for k in plans:
+        monkeypatch.delenv(k)
     with running_server(tmp_path, "--backend", "bmodel", "-m", str(model)) as restarted:
-        answer = restarted.client(timeout=60).chat.completions.create(model=restarted.model, **ask)
-        assert (answer.choices[0].message.content, answer.usage.completion_tokens) == (ref["answer"], len(ref["tokens"]))
+        client = restarted.client(timeout=60)
+        answer = client.chat.completions.create(model=restarted.model, **ask)
+        assert (answer.choices[0].message.content, answer.usage.completion_tokens) == (ref["answer"], n)
+        # A client that hangs up mid-stream (tests/test_server_load.py: the engine is freed at
+        # the next token): the next request is answered in full, the same.
+        stream = client.chat.completions.create(model=restarted.model, stream=True, **ask)
+        assert content_chunks(stream, 1)
+        stream.close()
+        after = client.chat.completions.create(model=restarted.model, **ask)
+        assert (after.choices[0].message.content, after.usage.completion_tokens) == (ref["answer"], n)
