@@ -7,7 +7,9 @@ up mid-stream freeing the engine is tests/test_server_load.py; here the answer a
 
 The device fault is real at libbmrt's boundary: tests/fail_launch.c, an LD_PRELOAD (composed with
 the simulator's yield preload) that makes chosen launches of chosen nets return false, as libbmrt
-does when the device refuses one. The C++ engine binds bmrt_launch_tensor_ex dynamically (checked).
+does when the device refuses one, or never return (a hung device: the kill -9 tests kill there, so
+the kill lands mid-answer on any machine). The C++ engine binds bmrt_launch_tensor_ex dynamically
+(checked).
 """
 from __future__ import annotations
 
