@@ -8,6 +8,7 @@ conversation no longer fits SEQ.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,12 @@ from mllama_tpu.token_config import check_token_config, default_token_config, op
 
 STOP_STRING = "stop"
 STOP_CANCELLED = "cancelled"
+
+
+class EngineFailed(Exception):
+    """The engine (device or runtime) failed during a turn. Not the user's input: the turn is
+    lost, and what the device held for it (the encoded image) is no longer trusted."""
+
 
 # ---------------------------------------------------------------------------------------------
 # the model: an engine, its processor, its stop ids, the image it has encoded
@@ -105,6 +112,10 @@ class LoadedModel:
     def count_prompt_tokens(self, messages: Sequence[dict]) -> int:
         return count_prompt_tokens(self.processor, messages)
 
+    def forget_image(self) -> None:
+        """After an engine failure: the next turn with an image encodes it again."""
+        self._image_key, self._image = None, None
+
     def close(self) -> None:
         self.engine.close()
 
@@ -165,14 +176,17 @@ def produce_turn(model: LoadedModel, request: TurnRequest,
     if request.image is not None and not n_images:
         raise UserError("an image was given but no message has an image part to place it")
     sampling = request.sampling.validated()
-    prompt = model.prompt(request.messages, model.use_image(request.image))
+    with _engine_step(model, "encoding the image"):
+        image = model.use_image(request.image)
+    prompt = model.prompt(request.messages, image)
     model.engine.set_sampling(sampling)
     yield PromptAccepted(prompt.num_tokens)
 
     stream = TextStream(model.tokenizer, request.stop)
     answer: list[str] = []
     gen = Generation()
-    for token in generate_tokens(model.engine, prompt, model.eos_ids, request.max_new_tokens, gen):
+    for token in _engine_tokens(model, generate_tokens(model.engine, prompt, model.eos_ids,
+                                                       request.max_new_tokens, gen), gen):
         piece = stream.push(token)
         if piece:
             answer.append(piece)
@@ -190,6 +204,33 @@ def produce_turn(model: LoadedModel, request: TurnRequest,
     yield TurnDone("".join(answer), gen.tokens, prompt.num_tokens, gen.ftl_s, gen.tps, gen.stop_reason)
 
 
+@contextlib.contextmanager
+def _engine_step(model: LoadedModel, doing: str) -> Iterator[None]:
+    """The one place an engine's RuntimeError (a failed net launch, a device call) becomes
+    EngineFailed with one line: what failed, while doing what. Every turn prefills the whole
+    conversation, so no KV state outlives it; only the encoded image does, and it is dropped."""
+    try:
+        yield
+    except RuntimeError as e:
+        model.forget_image()
+        raise EngineFailed(f"the engine failed while {doing}: {e}") from e
+
+
+def _engine_tokens(model: LoadedModel, tokens: Iterator[int], gen: Generation) -> Iterator[int]:
+    """`tokens` with each engine step under _engine_step; closing this closes `tokens` at once
+    (generate's timings are final then, before TurnDone reads them)."""
+    try:
+        while True:
+            with _engine_step(model, "reading the prompt (prefill)" if not gen.tokens else
+                              f"writing answer token {len(gen.tokens) + 1} (decode)"):
+                token = next(tokens, None)
+            if token is None:
+                return
+            yield token
+    finally:
+        tokens.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # the CLI chat: history, the current image, restarting a conversation that outgrew SEQ
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +244,8 @@ class Notice:
 
 
 RESTART_NOTICE = "(the conversation no longer fit the model's sequence length: started a new one)"
+ENGINE_FAILED_ADVICE = ("the conversation was restarted (its history dropped; the image is kept and encoded again): "
+                        "ask again; if it keeps failing, restart the program and check the device")
 
 
 def stop_notice(done: TurnDone) -> str | None:
@@ -254,7 +297,11 @@ class ChatSession:
             self.image, self.image_path = None, None
         else:
             image = image if image is not None else load_image(path)
-            self.model.use_image(image)
+            try:
+                with _engine_step(self.model, f"encoding the image {path}"):
+                    self.model.use_image(image)
+            except EngineFailed as e:
+                raise UserError(f"{e}: try again; if it keeps failing, restart the program and check the device") from None
             self.image, self.image_path = image, str(path)
         self.reset()
 
@@ -300,17 +347,28 @@ class ChatSession:
         except PromptTooLong as e:
             self.messages = []
             raise UserError(f"{e}: ask a shorter question" + (" (history cleared)" if restarted else "")) from None
+        except EngineFailed as e:
+            self._restart_after(e)
         if restarted:
             yield Notice(RESTART_NOTICE)
         done = None
-        for event in events:
-            if isinstance(event, TurnDone):
-                done = event
-            yield event
+        try:
+            for event in events:
+                if isinstance(event, TurnDone):
+                    done = event
+                yield event
+        except EngineFailed as e:
+            self._restart_after(e)
         if done is not None and self.enable_history:
             self.messages = convo + [assistant_message(done.answer)]
         if done is not None and (notice := stop_notice(done)):
             yield Notice(notice)
+
+    def _restart_after(self, failure: EngineFailed) -> None:
+        """A turn the engine failed: nothing of it is kept, the next turn starts a new conversation
+        (a history whose last answer never came would not be the conversation the user had)."""
+        self.messages = []
+        raise UserError(f"{failure}; {ENGINE_FAILED_ADVICE}") from None
 
     def ask(self, question: str) -> Turn:
         """One whole turn (the scripted front ends and tests)."""

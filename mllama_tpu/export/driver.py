@@ -161,7 +161,8 @@ def _copy_token_config(model_dir: Path, dest: Path) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
     for name in TOKEN_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, dest / name)
+        if (model_dir / name).is_file():  # via a temp name: a kill mid-copy leaves no half file
+            shutil.copy2(model_dir / name, dest / f".{name}.tmp")
+            os.replace(dest / f".{name}.tmp", dest / name)
             copied.append(name)
     return copied

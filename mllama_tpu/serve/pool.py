@@ -21,7 +21,7 @@ from typing import Any
 
 from mllama_tpu.errors import UserError
 from mllama_tpu.inputs import PromptTooLong
-from mllama_tpu.session import LoadedModel, TurnDone, TurnRequest, produce_turn
+from mllama_tpu.session import EngineFailed, LoadedModel, TurnDone, TurnRequest, produce_turn
 
 log = logging.getLogger("mllama_tpu.serve")
 
@@ -161,6 +161,9 @@ class EnginePool:
                     )
         except (UserError, PromptTooLong) as e:  # the request side counts the prompt first: rare
             job._emit(Refused(str(e)))
-        except Exception as e:  # the engine failed: the request gets a 503, the worker goes on
+        except EngineFailed as e:  # a device fault: this request gets a 503, the next one runs afresh
+            log.error("%s engine %d: %s", job.request_id, index, e)
+            job._emit(Failed(f"{e}; the server keeps serving: retry the request"))
+        except Exception as e:  # a bug of ours: the request gets a 503, the worker goes on
             log.error("%s engine %d failed: %s", job.request_id, index, e, exc_info=True)
             job._emit(Failed(f"the engine failed ({type(e).__name__}: {e})"))

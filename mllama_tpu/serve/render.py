@@ -45,8 +45,10 @@ async def _events(job: Job) -> AsyncIterator[TextPiece | TurnDone]:
         event = await job.next_event()
         if event is None:
             return
-        if isinstance(event, (Failed, Refused)):
-            raise ApiError(503 if isinstance(event, Failed) else 400, event.message)
+        if isinstance(event, Failed):  # the same error as before the answer began (app._until_started)
+            raise ApiError(503, event.message, None, "engine_failed")
+        if isinstance(event, Refused):
+            raise ApiError(400, event.message)
         yield event
 
 
