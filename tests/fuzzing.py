@@ -6,7 +6,10 @@ run time is bounded by max_examples, not by luck.
 """
 from __future__ import annotations
 
+import json
+
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from mllama_tpu.errors import UserError
 
@@ -27,3 +30,29 @@ def assert_clear(error: Exception, *names: str) -> str:
     for name in names:
         assert name in message, f"{message!r} does not name {name!r}"
     return message
+
+
+# Any JSON value, small.
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
+                    | st.text(max_size=12),
+                    lambda x: st.lists(x, max_size=4) | st.dictionaries(st.text(max_size=8), x, max_size=4),
+                    max_leaves=8)
+
+
+@st.composite
+def mutated(draw, doc):
+    """`doc` with one value somewhere in it replaced by any JSON value, or removed."""
+    doc = json.loads(json.dumps(doc))
+    parent, key = None, None
+    node = doc
+    while isinstance(node, (dict, list)) and node and (parent is None or draw(st.booleans())):
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        parent, key = node, draw(st.sampled_from(keys))
+        node = node[key]
+    if parent is None:
+        return draw(JSON)
+    if draw(st.integers(0, 3)) == 0:
+        del parent[key]
+    else:
+        parent[key] = draw(JSON)
+    return doc

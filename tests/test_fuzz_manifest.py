@@ -13,36 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fuzzing import assert_clear, bounded
+from fuzzing import JSON, assert_clear, bounded, mutated
 from mllama_tpu.compile.pieces import load_export
 from mllama_tpu.engines.onnx import OnnxEngine
 from mllama_tpu.errors import UserError
 from mllama_tpu.manifest import MANIFEST_NAME, read_manifest, token_facts
-
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
-                    | st.text(max_size=12),
-                    lambda x: st.lists(x, max_size=4) | st.dictionaries(st.text(max_size=8), x, max_size=4),
-                    max_leaves=8)
-
-
-@st.composite
-def mutated(draw, doc):
-    """`doc` with one value somewhere in it replaced by any JSON value, or removed."""
-    doc = json.loads(json.dumps(doc))
-    parent, key = None, None
-    node = doc
-    while isinstance(node, (dict, list)) and node and (parent is None or draw(st.booleans())):
-        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
-        parent, key = node, draw(st.sampled_from(keys))
-        node = node[key]
-    if parent is None:
-        return draw(JSON)
-    if draw(st.integers(0, 3)) == 0:
-        del parent[key]
-    else:
-        parent[key] = draw(JSON)
-    return doc
-
 
 @pytest.fixture(scope="module")
 def export_files(tiny_onnx_dir) -> tuple[Path, dict]:
