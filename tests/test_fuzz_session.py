@@ -55,7 +55,7 @@ def scenes():
     return [None] + [data.render(data.make_scene(random.Random(i), (1, 2))) for i in range(3)]
 
 
-@bounded(25, deadline_ms=60000)
+@bounded(40, deadline_ms=60000)
 @given(steps=st.lists(step, min_size=1, max_size=7))
 # Typed with an image: the tokenizer read it as a second image slot and prefill_inputs raised
 # ValueError (cross_attention_mask [1,L,2,T]); now refused in one line.
