@@ -178,6 +178,19 @@ def test_animated_gif_is_its_first_frame():
     assert image.size == (9, 6) and image.getpixel((4, 3)) == (255, 0, 0)
 
 
+def test_eps_without_ghostscript_says_so():
+    import shutil
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(buf, "EPS")
+    if shutil.which("gs"):
+        assert decode_image(buf.getvalue(), WHERE).size == (8, 8)
+    else:  # it said "damaged or truncated ([Errno 2] No such file or directory: 'gs')"
+        with pytest.raises(UserError) as e:
+            decode_image(buf.getvalue(), WHERE)
+        assert "needs gs to decode" in assert_clear(e.value, WHERE)
+
+
 def test_load_image_names_the_file(tmp_path):
     path = tmp_path / "photo.jpg"
     path.write_bytes(SEEDS["JPEG"][:100])
