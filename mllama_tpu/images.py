@@ -29,10 +29,17 @@ def decode_image(data: bytes, where: str, remedy: str = "send a complete PNG, JP
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            # PIL only warns between its limit and twice it, and would then decode (hundreds of MB).
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                raise UserError(f"{where} is too large to decode ({im.width}x{im.height} pixels, over "
+                                f"{Image.MAX_IMAGE_PIXELS}): {remedy}")
             # PIL widens 16-bit grey PNGs to mode "I"; the raw mode still tells the bit depth.
             sixteen_bit = any("16" in str(tile[3]) for tile in (im.tile or []))
             im.load()  # decode now: a truncated file fails here, not inside the processor
             image = im.copy()
+    except FileNotFoundError as e:  # EPS needs Ghostscript: the file is fine, the tool is missing
+        raise UserError(f"{where} needs {e.filename or 'an external program'} to decode, which is not installed: "
+                        f"{remedy}") from None
     except UnidentifiedImageError:
         raise UserError(f"{where} is not an image PIL can read (PNG, JPEG, WebP, BMP, ...): {remedy}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:

@@ -5,7 +5,7 @@ model (ARCHITECTURE.md, "The manifest").
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,36 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} has format {got!r}, this version reads format {MANIFEST_FORMAT}: "
                         "re-run the export with this version")
     layers = manifest.get("layers")
-    if not isinstance(layers, list) or not layers or not set(layers) <= set(contract.LAYER_KINDS):
+    if not isinstance(layers, list) or not layers or not all(k in contract.LAYER_KINDS for k in layers):
         raise UserError(f"{path}: 'layers' must list 'self'/'cross' per text layer: re-run the export")
-    if not isinstance(manifest.get("seq_length"), int) or manifest["seq_length"] < 1:
+    if not _is_int(manifest.get("seq_length")) or manifest["seq_length"] < 1:
         raise UserError(f"{path}: 'seq_length' must be a positive integer: re-run the export")
     pieces = manifest.get("pieces")
     missing = [n for n in contract.net_names(layers) if not isinstance(pieces, dict) or n not in pieces]
     if missing:
         raise UserError(f"{path} lacks net(s) {', '.join(missing)}: the export is incomplete, re-run it")
+    # What the readers take without asking again (the ONNX engine opens every piece's file).
+    bad = [n for n, e in pieces.items() if not isinstance(e, dict) or not isinstance(e.get("file"), str)]
+    if bad:
+        raise UserError(f"{path}: the entry of net(s) {', '.join(bad)} has no 'file': re-run the export")
+    _check_dims(path, manifest.get("dims"))
+    sampling = manifest.get("sampling", {})
+    if not isinstance(sampling, dict) or not all(_is_int(sampling.get(k, 1)) for k in ("top_k", "recent_ids")):
+        raise UserError(f"{path}: 'sampling' must give top_k and recent_ids as integers: re-run the export")
     return manifest
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_dims(path: Path, dims: Any) -> None:
+    from mllama_tpu.config import ModelDims
+
+    required = [f.name for f in fields(ModelDims) if f.default is MISSING and f.default_factory is MISSING]
+    if not isinstance(dims, dict) or (absent := [k for k in required if k not in dims]):
+        what = f"lacks {', '.join(absent)}" if isinstance(dims, dict) else "is not an object"
+        raise UserError(f"{path}: 'dims' {what}: re-run the export")
 
 
 @dataclass(frozen=True)
@@ -51,10 +72,14 @@ class TokenFacts:
     image_token_id: int | None
 
 
-def _ids(x: Any) -> list[int]:
+def _ids(x: Any, path: Path, key: str) -> list[int]:
     if x is None:
         return []
-    return [int(t) for t in x] if isinstance(x, (list, tuple)) else [int(x)]
+    ids = x if isinstance(x, list) else [x]
+    if not all(_is_int(t) for t in ids):
+        raise UserError(f"{path}: {key!r} must be a token id or a list of them, not {json.dumps(x)[:40]}: "
+                        "pass the token_config/ exported with the model (-t), or re-run the export")
+    return ids
 
 
 def _json(path: Path) -> dict:
@@ -71,10 +96,19 @@ def token_facts(model_dir: Path, token_config: Path | None = None) -> TokenFacts
     it: the manifest, and token_config/ (config.json, generation_config.json; `token_config`
     when the user chose another). EOS ids from all of them; the tokenizer's own is the caller's."""
     token_config = token_config or model_dir / "token_config"
-    manifest = _json(model_dir / MANIFEST_NAME)
-    cfg = _json(token_config / "config.json")
-    gen = _json(token_config / "generation_config.json")
-    eos = (_ids(manifest.get("eos_token_ids")) + _ids(cfg.get("text_config", {}).get("eos_token_id"))
-           + _ids(gen.get("eos_token_id")))
-    image = manifest.get("image_token_id", cfg.get("image_token_index", cfg.get("image_token_id")))
-    return TokenFacts(list(dict.fromkeys(eos)), int(image) if image is not None else None)
+    paths = model_dir / MANIFEST_NAME, token_config / "config.json", token_config / "generation_config.json"
+    manifest, cfg, gen = (_json(p) for p in paths)
+    text_config = cfg.get("text_config")
+    text_config = text_config if isinstance(text_config, dict) else {}
+    eos = (_ids(manifest.get("eos_token_ids"), paths[0], "eos_token_ids")
+           + _ids(text_config.get("eos_token_id"), paths[1], "text_config.eos_token_id")
+           + _ids(gen.get("eos_token_id"), paths[2], "eos_token_id"))
+    if "image_token_id" in manifest:
+        image = _ids(manifest["image_token_id"], paths[0], "image_token_id")
+    else:
+        key = "image_token_index" if "image_token_index" in cfg else "image_token_id"
+        image = _ids(cfg.get(key), paths[1], key)
+    if len(image) > 1:
+        raise UserError(f"{paths[0] if 'image_token_id' in manifest else paths[1]}: the image token id must be "
+                        "one id: pass the token_config/ exported with the model (-t), or re-run the export")
+    return TokenFacts(list(dict.fromkeys(eos)), image[0] if image else None)

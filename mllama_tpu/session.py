@@ -162,6 +162,16 @@ def image_parts(messages: Sequence[dict]) -> int:
                for part in m["content"] if isinstance(part, dict) and part.get("type") == "image")
 
 
+def message_texts(messages: Sequence[dict]) -> Iterator[str]:
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, list):
+            yield from (p["text"] for p in content
+                        if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+
+
 def produce_turn(model: LoadedModel, request: TurnRequest,
                  cancelled: Callable[[], bool] | None = None) -> Iterator[TurnEvent]:
     """Run one turn. A refused request raises UserError before PromptAccepted; `cancelled` is
@@ -175,6 +185,11 @@ def produce_turn(model: LoadedModel, request: TurnRequest,
         raise UserError("the conversation has an image part but no image was given")
     if request.image is not None and not n_images:
         raise UserError("an image was given but no message has an image part to place it")
+    image_token = getattr(model.processor, "image_token", None)
+    if image_token and any(image_token in text for text in message_texts(request.messages)):
+        # The tokenizer would read it as a second image slot (transformers' masks then disagree).
+        raise UserError(f"a message's text contains {image_token}, the model's image token: remove it "
+                        "(the image is placed by its image part)")
     sampling = request.sampling.validated()
     with _engine_step(model, "encoding the image"):
         image = model.use_image(request.image)

@@ -11,7 +11,7 @@ from typing import Any
 from mllama_tpu import REPO_ROOT
 from mllama_tpu.engines.base import Engine
 from mllama_tpu.errors import UserError
-from mllama_tpu.inputs import load_processor
+from mllama_tpu.inputs import assistant_message, load_processor, user_message
 
 # The tokenizer may count up to 8 ids more than the logits are wide (added special tokens).
 EXTRA_EMBEDDING_ROWS = 8
@@ -32,14 +32,24 @@ def open_processor(token_config: str | Path) -> Any:
     try:
         processor = load_processor(path)
     except Exception as e:  # transformers raises many kinds (OSError, ValueError, KeyError) for a bad dir
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load the tokenizer/processor from {path} ({first}): pass a token_config/ dir") from None
+        raise UserError(f"cannot load the tokenizer/processor from {path} ({_first_line(e)}): "
+                        "pass a token_config/ dir") from None
     if not hasattr(processor, "image_processor") or getattr(processor, "image_token_id", None) is None:
         raise UserError(
             f"{path} holds no Mllama processor (tokenizer + image processor + <|image|>): "
             "pass the token_config/ exported with the model (-t)"
         )
+    try:  # a damaged chat template is found here, not at the user's first question
+        probe = [user_message("?", True), assistant_message("."), user_message("?", False)]  # a kept history
+        processor.apply_chat_template(probe, add_generation_prompt=True)
+    except Exception as e:  # jinja2's syntax and runtime errors, transformers' "no chat template"
+        raise UserError(f"the chat template of {path} does not render ({_first_line(e)}): "
+                        "pass the token_config/ exported with the model (-t)") from None
     return processor
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def check_token_config(token_config: Path, processor: Any, engine: Engine, image_token_id: int | None) -> None:

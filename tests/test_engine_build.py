@@ -105,7 +105,10 @@ def test_bad_device_id_is_an_exception_not_an_abort(module_path, tmp_path):
             e.init(7, "{tmp_path / 'x.bmodel'}", engine_spec())
         except ValueError as err:
             print("ValueError:", err)
-        open("{tmp_path / 'x.bmodel'}", "w").write("not a bmodel")
+        # A whole bmodel by its header (mllama_tpu.bmodel_file checks that first), on no device.
+        import struct
+        from mllama_tpu.bmodel_file import MAGIC
+        open("{tmp_path / 'x.bmodel'}", "wb").write(struct.pack("<IIIQ", MAGIC, 64, 1, 0).ljust(65, b"\\0"))
         try:
             open_engine("bmodel", "{tmp_path / 'x.bmodel'}", 7)
         except UserError as err:

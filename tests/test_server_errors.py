@@ -92,6 +92,9 @@ def cases(model: str) -> dict[str, tuple]:
             {"role": "user", "content": "hi"},
             {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(IMAGE)}}]},
             {"role": "user", "content": "and?"}]}, None, 400, "invalid_value", "only user messages"),
+        # Found by tests/test_fuzz_session.py: was a 503 (prefill_inputs' ValueError on two image slots).
+        "image token in the text": ({"model": model, "messages": [image_message(data_url(IMAGE), "is <|image|> red?")]},
+                                    None, 400, "invalid_value", "image token"),
         "n 2": (body(n=2), None, 422, "invalid_value", "'n'"),
         "tools": (body(tools=[{"type": "function", "function": {"name": "f"}}]), None, 400,
                   "unsupported_parameter", "tools"),

@@ -53,9 +53,10 @@ def stamp_path(bmodel: Path) -> Path:
 
 def read_stamp(bmodel: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(stamp_path(bmodel).read_text())
-    except (OSError, json.JSONDecodeError):
+        stamp = json.loads(stamp_path(bmodel).read_text())
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8 (a damaged stamp is no stamp)
         return None
+    return stamp if isinstance(stamp, dict) else None
 
 
 def is_fresh(bmodel: Path, key: StampKey) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from mllama_tpu import bmodel_file
 from mllama_tpu.compile import cache, combine, policy, report, space
 from mllama_tpu.compile.jobs import Job, JobResult, JobRunner, Launcher, Step
 from mllama_tpu.compile.pieces import Export, Piece, load_export
@@ -82,8 +83,13 @@ def _plan(export: Export, out_dir: Path, mode: str, group_size: int, chip: str, 
 
 def _combine_fresh(out: Path, key: dict[str, Any]) -> bool:
     stamp = cache.read_stamp(out)
-    return (stamp is not None and stamp.get("key") == key and out.is_file()
-            and out.stat().st_size == stamp.get("bmodel_size"))
+    if not (stamp is not None and stamp.get("key") == key and out.is_file()
+            and out.stat().st_size == stamp.get("bmodel_size")):
+        return False
+    try:  # a damaged head (or a stamp from before the digest) is combined again
+        return stamp.get(bmodel_file.DIGEST_KEY) == bmodel_file.head_sha256(out)
+    except UserError:
+        return False
 
 
 @contextmanager
@@ -167,7 +173,9 @@ def _compile(export: Export, tc: Toolchain, mode: str, name: str, seq_length: in
     if not _combine_fresh(out, combine_key):
         cache.stamp_path(out).unlink(missing_ok=True)
         combine.combine(tc, piece_bmodels, out, out_dir / "logs" / "combine.log")
-        cache.write_json_atomic(cache.stamp_path(out), {"key": combine_key, "bmodel_size": out.stat().st_size})
+        # The engine compares the head digest at open (mllama_tpu.bmodel_file).
+        cache.write_json_atomic(cache.stamp_path(out), {"key": combine_key, "bmodel_size": out.stat().st_size,
+                                                        bmodel_file.DIGEST_KEY: bmodel_file.head_sha256(out)})
     io = combine.verify(tc, out, export.pieces)
 
     if export.token_config.is_dir():

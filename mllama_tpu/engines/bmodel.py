@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 from mllama_tpu import REPO_ROOT, contract
+from mllama_tpu.bmodel_file import check_bmodel
 from mllama_tpu.engines.base import Engine
 from mllama_tpu.inputs import ImageInputs, PrefillInputs
 from mllama_tpu.sampling import SampleHeadInputs
@@ -49,6 +50,7 @@ class BmodelEngine(Engine):
         super().__init__()
         self.bmodel_path = Path(bmodel_path)
         self.model_dir = self.bmodel_path.parent
+        check_bmodel(self.bmodel_path)  # libbmrt may abort the process on a damaged file
         self._e = load_chat_module().Mllama()
         self._e.init(int(devid), str(self.bmodel_path), contract.engine_spec())
         e = self._e
