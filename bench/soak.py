@@ -120,6 +120,9 @@ class Soak:
 # ---------------------------------------------------------------------------------------------
 
 
+TURN_CYCLE = 12
+
+
 def _random_sampling(rng: random.Random, seed: int):
     from mllama_tpu.sampling import SamplingParams
 
@@ -138,16 +141,18 @@ def _probe_turn(session) -> str:
 
 
 def _script_turn(session, rng: random.Random, images: list[Path], loaded: dict, i: int, soak: Soak | None) -> None:
-    """One scripted turn: maybe a new image, text only, or a reset first; greedy or sampled."""
-    r = rng.random()
-    if r < 0.12:
-        path = images[i % len(images)]
-        session.set_image(path, loaded[path])
-        kind = "image change"
-    elif r < 0.17:
+    """Turn i of the script, greedy or sampled. In every TURN_CYCLE turns: a new conversation on
+    the next image (every third one text-only instead), and every other cycle a reset halfway;
+    in between the conversation keeps its history until it outgrows SEQ and restarts."""
+    cycle, at = divmod(i, TURN_CYCLE)
+    if at == 0 and cycle % 3 == 2:
         session.set_image(None)
         kind = "text-only conversation"
-    elif r < 0.24:
+    elif at == 0:
+        path = images[cycle % len(images)]
+        session.set_image(path, loaded[path])
+        kind = "image change"
+    elif at == TURN_CYCLE * 2 // 3 and cycle % 2 == 1:
         session.reset()
         kind = "reset"
     else:
@@ -312,6 +317,10 @@ def _user(question: str, url: str | None = None) -> dict:
                                         {"type": "text", "text": question}]}
 
 
+BAD_EVERY = 12  # request j is a bad one when j % BAD_EVERY == BAD_EVERY - 1
+ABANDON_EVERY = 25  # and a stream the client leaves after its first chunk once in this many
+
+
 def _text_of(message: dict) -> str:
     """A user message's text, with its image (if any) as a marker."""
     content = message["content"]
@@ -353,7 +362,6 @@ def _script_request(server: ServerProcess, client, model: str, rng: random.Rando
             raise RuntimeError(what)
         soak.wrong.append(f"request {j}: {what}")
 
-    r = rng.random()
     image = rng.choice(sorted(urls))
     questions_of = list(truth[image.name]["questions"].items())
     question, _ = rng.choice(questions_of)
@@ -362,36 +370,38 @@ def _script_request(server: ServerProcess, client, model: str, rng: random.Rando
     if sampled:
         args.update(temperature=rng.choice([0.7, 1.0, 1.3]), top_p=rng.choice([0.8, 1.0]), seed=j,
                     frequency_penalty=rng.choice([0.0, 0.5]), extra_body={"top_k": rng.choice([5, 50])})
-    if r < 0.08:
-        what, bad, statuses = rng.choice(_bad_requests(model, urls[image]))
-        kind = "bad request"
-        try:
-            client.chat.completions.create(**{**args, **bad})
-            wrong(f"{what}: answered 200")
-        except openai.APIStatusError as e:
-            body = e.response.json()
-            if e.status_code not in statuses or not body.get("error", {}).get("message"):
-                wrong(f"{what}: {e.status_code} {body}")
-    elif r < 0.10:
-        kind = "bad request"
-        resp = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
-                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=60)
-        if resp.status_code != 400 or not resp.json().get("error", {}).get("message"):
-            wrong(f"malformed JSON: {resp.status_code} {resp.text[:200]}")
-    elif r < 0.12:
-        kind = "bad request"
-        try:
-            client.with_options(api_key="wrong-key").models.list()
-            wrong("wrong key: answered 200")
-        except openai.APIStatusError as e:
-            if e.status_code != 401 or not e.response.json().get("error", {}).get("message"):
-                wrong(f"wrong key: {e.status_code}")
-    elif r < 0.16:
+    bad = _bad_requests(model, urls[image])
+    if j % BAD_EVERY == BAD_EVERY - 1:  # the bad kinds in turn, then the malformed body and the wrong key
+        kind, which = "bad request", (j // BAD_EVERY) % (len(bad) + 2)
+        if which < len(bad):
+            what, body, statuses = bad[which]
+            try:
+                client.chat.completions.create(**{**args, **body})
+                wrong(f"{what}: answered 200")
+            except openai.APIStatusError as e:
+                error = e.response.json()
+                if e.status_code not in statuses or not error.get("error", {}).get("message"):
+                    wrong(f"{what}: {e.status_code} {error}")
+        elif which == len(bad):
+            resp = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                              headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                              timeout=60)
+            if resp.status_code != 400 or not resp.json().get("error", {}).get("message"):
+                wrong(f"malformed JSON: {resp.status_code} {resp.text[:200]}")
+        else:
+            try:
+                client.with_options(api_key="wrong-key").models.list()
+                wrong("wrong key: answered 200")
+            except openai.APIStatusError as e:
+                if e.status_code != 401 or not e.response.json().get("error", {}).get("message"):
+                    wrong(f"wrong key: {e.status_code}")
+    elif j % ABANDON_EVERY == ABANDON_EVERY // 3:
         kind = "abandoned stream"
         with client.chat.completions.create(stream=True, messages=[_user(question, urls[image])], **args) as stream:
             next(iter(stream))  # the first chunk, then the client goes away mid-answer
     else:
-        if r < 0.40:
+        r = rng.random()
+        if r < 0.35:
             kind, messages = "single turn, image", [_user(question, urls[image])]
         elif r < 0.55:
             kind, messages = "text only", [_user(question)]
