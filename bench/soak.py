@@ -223,7 +223,8 @@ def run_turns(model_path: Path, turns: int, trace_every: int = 50, seed: int = 0
             if (i + 1) % trace_every == 0:
                 soak.trace.append((i + 1, _measure_now(pid), _engine_bytes(model)))
                 if progress:
-                    progress(f"turns: {i + 1}/{turns}, RSS {soak.trace[-1][1] / 2**20:.1f} MB")
+                    progress(f"turns: {i + 1}/{turns}, RSS {soak.trace[-1][1] / 2**20:.1f} MB, "
+                             f"engine bytes {soak.trace[-1][2]}, {time.perf_counter() - start:.0f} s")
         soak.probe_end = _probe_turn(session)
         soak.seconds = time.perf_counter() - start
         soak.rss_end, soak.engine_bytes_end = _measure_now(pid), _engine_bytes(model)
@@ -466,7 +467,8 @@ def run_requests(model_path: Path, requests: int, log_dir: Path, trace_every: in
                 engine_bytes = server.engine_bytes()
                 soak.trace.append((j + 1, rss_bytes(pid), engine_bytes))
                 if progress:
-                    progress(f"requests: {j + 1}/{requests}, server RSS {soak.trace[-1][1] / 2**20:.1f} MB")
+                    progress(f"requests: {j + 1}/{requests}, server RSS {soak.trace[-1][1] / 2**20:.1f} MB, "
+                             f"engine bytes {engine_bytes}, {time.perf_counter() - start:.0f} s")
         soak.probe_end = _probe_request(client, model)
         soak.seconds = time.perf_counter() - start
         soak.engine_bytes_end = server.engine_bytes()
