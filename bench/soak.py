@@ -110,7 +110,8 @@ class Soak:
         if key not in self._answers:
             self._answers[key] = answer
         elif answer != self._answers[key]:
-            self.wrong.append(f"{where}: greedy answer {answer} differs from the earlier {self._answers[key]} for {key}")
+            self.wrong.append(f"{where}: greedy answer {answer} differs from the earlier "
+                              f"{self._answers[key]} for {key}")
         else:
             self.count_kind("greedy answer repeated")
 
