@@ -77,6 +77,13 @@ class Engine(ABC):
         self.sampling = params.validated()
         self._rng = np.random.default_rng(params.seed)
 
+    @property
+    def memory(self) -> dict[str, int]:
+        """Device memory now: `engine_bytes` the engine allocated itself (+ `device_used_mb`,
+        `device_total_mb` where the driver reports them); empty for a backend without a device.
+        Not thread-safe against a running turn: ask from the thread that runs the engine."""
+        return {}
+
     def close(self) -> None:
         """Release what the engine holds (device memory, sessions); idempotent."""
 

@@ -63,7 +63,6 @@ class BmodelEngine(Engine):
         self.cross_layers = list(e.cross_layers)
         self.sample_k = e.SAMPLE_K
         self.recent_window = e.RECENT_IDS
-        self.memory = dict(e.memory_info())  # engine_bytes (+ device_used_mb where reported)
 
     def encode_image(self, image: ImageInputs) -> None:
         if image.pixel_values.shape[0] != self.max_tiles:
@@ -82,6 +81,10 @@ class BmodelEngine(Engine):
 
     def _decode(self, token: int, head: SampleHeadInputs | None):
         return self._e.decode(token, head)
+
+    @property
+    def memory(self) -> dict[str, int]:
+        return dict(self._e.memory_info())
 
     @property
     def timings_ms(self) -> dict[str, float]:

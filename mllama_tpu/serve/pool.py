@@ -97,6 +97,8 @@ class EnginePool:
         self._in_flight = 0
         self._busy = 0
         self._turn_s = 1.0  # running mean of a turn's duration, for Retry-After
+        # Read by each engine's own worker between turns (the engine is not to be asked mid-turn).
+        self._memory = [dict(m.engine.memory) for m in models]
         self._workers = [threading.Thread(target=self._work, args=(i,), name=f"engine-{i}", daemon=True)
                          for i in range(len(models))]
         for w in self._workers:
@@ -106,9 +108,10 @@ class EnginePool:
     def capacity(self) -> int:
         return len(self.models) + self.max_queue
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict:
         with self._lock:
-            return {"engines": len(self.models), "busy": self._busy, "queued": self._in_flight - self._busy}
+            return {"engines": len(self.models), "busy": self._busy, "queued": self._in_flight - self._busy,
+                    "memory": [dict(m) for m in self._memory]}
 
     def submit(self, turn: TurnRequest, request_id: str) -> Job:
         """Queue a turn; QueueFull when engines + max_queue requests are in flight already."""
@@ -143,11 +146,20 @@ class EnginePool:
                     job._emit(Started(index, started - job.enqueued))
                     self._run(index, model, job, started)
             finally:
+                memory = self._read_memory(index, model)
                 with self._lock:
+                    self._memory[index] = memory
                     self._busy -= 1
                     self._in_flight -= 1
                     self._turn_s = 0.8 * self._turn_s + 0.2 * (time.perf_counter() - started)
                 job._emit(_END)
+
+    def _read_memory(self, index: int, model: LoadedModel) -> dict[str, int]:
+        try:
+            return dict(model.engine.memory)
+        except Exception as e:  # a failed engine may not answer: keep what it said last
+            log.warning("engine %d: memory not readable: %s", index, e)
+            return self._memory[index]
 
     def _run(self, index: int, model: LoadedModel, job: Job, started: float) -> None:
         try:

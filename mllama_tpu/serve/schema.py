@@ -154,6 +154,10 @@ class Health(BaseModel):
     engines: int
     busy: int
     queued: int
+    memory: list[dict[str, int]] = Field(default_factory=list, description=(
+        "per engine, as its worker read it after its last turn: engine_bytes (device memory the engine "
+        "allocated; constant once every net has run, so growth is a leak), device_used_mb and "
+        "device_total_mb where the driver reports them (a chip); empty for the onnx backend"))
 
 
 class ErrorDetail(BaseModel):
