@@ -22,13 +22,11 @@ script got an answer it should not have.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import gc
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -37,9 +35,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from mllama_tpu import REPO_ROOT
+from mllama_tpu.serve.child import data_url, server_child, user_message
 
 SAMPLES = REPO_ROOT / "assets" / "samples"
-SERVER = REPO_ROOT / "python_demo" / "server.py"
 # The bmodels tried in turn when -m is not given: the tests' f32 one, then the demo's int4 one.
 DEFAULT_MODELS = (REPO_ROOT / "build" / "test-cache" / "bmodel-f32", REPO_ROOT / "build" / "demo" / "bmodel-int4")
 PROBE_IMAGE = SAMPLES / "white_triangle_left_on_yellow_1x1.png"
@@ -241,16 +239,6 @@ def run_turns(model_path: Path, turns: int, trace_every: int = 50, seed: int = 0
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def data_url(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
 @dataclass
 class ServerProcess:
     url: str
@@ -278,45 +266,11 @@ class ServerProcess:
 @contextlib.contextmanager
 def server_process(model_path: Path, log_dir: Path, timeout: float = 600) -> Iterator[ServerProcess]:
     """python_demo/server.py on a free loopback port, with an API key, until the block ends."""
-    import httpx
-
-    port = _free_port()
-    log_path = Path(log_dir) / f"soak-server-{port}.log"
     env = {**os.environ, "MLLAMA_API_KEY": KEY}
     env.setdefault("MLLAMA_SIMULATOR_LOG", os.devnull)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(SERVER), "-m", str(model_path), "--port", str(port),
-                                 "--log_level", "warning"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                env=env)
-    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
-    try:
-        end = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(server.url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > end:
-                raise RuntimeError(f"the server did not come up in {timeout} s: {log_path.read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _user(question: str, url: str | None = None) -> dict:
-    if url is None:
-        return {"role": "user", "content": question}
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                        {"type": "text", "text": question}]}
+    log_path = Path(log_dir) / f"soak-server-{os.getpid()}.log"
+    with server_child(["-m", str(model_path), "--log_level", "warning"], log_path, env, timeout) as (url, proc):
+        yield ServerProcess(url, proc, log_path)
 
 
 BAD_EVERY = 12  # request j is a bad one when j % BAD_EVERY == BAD_EVERY - 1
@@ -335,20 +289,20 @@ def _bad_requests(model: str, url: str) -> list[tuple[str, dict, set[int]]]:
     """(what, create() arguments, the statuses it may get): each must be refused with an error body."""
     q = PROBE_QUESTION
     return [
-        ("remote image URL", {"messages": [_user(q, "https://example.com/cat.png")]}, {400}),
-        ("two images", {"messages": [_user(q, url), {"role": "assistant", "content": "It is."}, _user(q, url)]}, {400}),
-        ("max_tokens past SEQ", {"messages": [_user(q, url)], "max_tokens": 100000}, {400}),
-        ("unknown model", {"messages": [_user(q)], "model": model + "-nope"}, {404}),
-        ("temperature not a number", {"messages": [_user(q)], "temperature": "hot"}, {422}),
-        ("broken base64 image", {"messages": [_user(q, "data:image/png;base64,@@@")]}, {400}),
+        ("remote image URL", {"messages": [user_message(q, "https://example.com/cat.png")]}, {400}),
+        ("two images", {"messages": [user_message(q, url), {"role": "assistant", "content": "It is."}, user_message(q, url)]}, {400}),
+        ("max_tokens past SEQ", {"messages": [user_message(q, url)], "max_tokens": 100000}, {400}),
+        ("unknown model", {"messages": [user_message(q)], "model": model + "-nope"}, {404}),
+        ("temperature not a number", {"messages": [user_message(q)], "temperature": "hot"}, {422}),
+        ("broken base64 image", {"messages": [user_message(q, "data:image/png;base64,@@@")]}, {400}),
         ("empty messages", {"messages": []}, {422}),
-        ("n > 1", {"messages": [_user(q)], "n": 2}, {400, 422}),
-        ("last message the assistant's", {"messages": [_user(q), {"role": "assistant", "content": "x"}]}, {400}),
+        ("n > 1", {"messages": [user_message(q)], "n": 2}, {400, 422}),
+        ("last message the assistant's", {"messages": [user_message(q), {"role": "assistant", "content": "x"}]}, {400}),
     ]
 
 
 def _probe_request(client, model: str) -> str:
-    r = client.chat.completions.create(model=model, messages=[_user(PROBE_QUESTION, data_url(PROBE_IMAGE))],
+    r = client.chat.completions.create(model=model, messages=[user_message(PROBE_QUESTION, data_url(PROBE_IMAGE))],
                                        max_tokens=MAX_NEW_TOKENS)
     return f"{r.choices[0].message.content!r} {r.usage.completion_tokens} tokens"
 
@@ -399,18 +353,18 @@ def _script_request(server: ServerProcess, client, model: str, rng: random.Rando
                     wrong(f"wrong key: {e.status_code}")
     elif j % ABANDON_EVERY == ABANDON_EVERY // 3:
         kind = "abandoned stream"
-        with client.chat.completions.create(stream=True, messages=[_user(question, urls[image])], **args) as stream:
+        with client.chat.completions.create(stream=True, messages=[user_message(question, urls[image])], **args) as stream:
             next(iter(stream))  # the first chunk, then the client goes away mid-answer
     else:
         r = rng.random()
         if r < 0.35:
-            kind, messages = "single turn, image", [_user(question, urls[image])]
+            kind, messages = "single turn, image", [user_message(question, urls[image])]
         elif r < 0.55:
-            kind, messages = "text only", [_user(question)]
+            kind, messages = "text only", [user_message(question)]
         else:
             # A conversation resent with its history: image first, an earlier answer, a follow-up.
             (q1, a1), (q2, _) = rng.sample(questions_of, 2)
-            messages = [_user(q1, urls[image]), {"role": "assistant", "content": a1}, _user(q2)]
+            messages = [user_message(q1, urls[image]), {"role": "assistant", "content": a1}, user_message(q2)]
             if rng.random() < 0.3:
                 messages.insert(0, {"role": "system", "content": "Answer briefly."})
             kind = "multi-turn"
@@ -447,7 +401,7 @@ def run_requests(model_path: Path, requests: int, log_dir: Path, trace_every: in
         model = client.models.list().data[0].id
         # Warm-up: image and text-only, greedy and sampled, whole and streamed, then a few of the script.
         _probe_request(client, model)
-        for messages in ([_user(PROBE_QUESTION, data_url(PROBE_IMAGE))], [_user(PROBE_QUESTION)]):
+        for messages in ([user_message(PROBE_QUESTION, data_url(PROBE_IMAGE))], [user_message(PROBE_QUESTION)]):
             for sampling in ({}, {"temperature": 1.0, "seed": 1}):
                 list(client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_NEW_TOKENS,
                                                     stream=True, **sampling))

@@ -1,17 +1,14 @@
-"""Helpers of the server tests: the real server process on a free loopback port, started through
-our own CLI (python_demo/server.py, so the simulator preload and the flags are exercised too), and
-reference answers from `pipeline.py --json` for the same model, image, question and settings."""
+"""Helpers of the server tests: the real server process (mllama_tpu.serve.child: our own CLI on a
+free loopback port), and reference answers from `pipeline.py --json` for the same model, image,
+question and settings."""
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,29 +16,16 @@ from typing import Iterator
 import httpx
 
 from mllama_tpu import REPO_ROOT
+from mllama_tpu.serve.child import SERVER, data_url, free_port, server_child, user_message  # noqa: F401
 
-SERVER = REPO_ROOT / "python_demo" / "server.py"
 PIPELINE = REPO_ROOT / "python_demo" / "pipeline.py"
 SAMPLES = REPO_ROOT / "assets" / "samples"
 TRUTH = json.loads((SAMPLES / "truth.json").read_text())
 KEY = "test-key-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def data_url(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
-
-
 def user_turn(question: str, image: Path | None = None) -> dict:
-    if image is None:
-        return {"role": "user", "content": question}
-    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
-                                        {"type": "text", "text": question}]}
+    return user_message(question, data_url(image) if image is not None else None)
 
 
 @dataclass
@@ -77,34 +61,16 @@ class Server:
 @contextlib.contextmanager
 def running_server(log_dir: Path, *args: str, key: str | None = KEY, timeout: float = 600,
                    command: tuple[str, ...] = (sys.executable, str(SERVER))) -> Iterator[Server]:
-    port = free_port()
-    log_path = Path(log_dir) / f"server-{port}.log"
-    cmd = [*command, *args, "--port", str(port)]
     env = dict(os.environ)
     env.pop("MLLAMA_API_KEY", None)
     if key:
         env["MLLAMA_API_KEY"] = key  # the key through the environment, as the README suggests
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-    server = Server(f"http://127.0.0.1:{port}", proc, log_path, key)
-    try:
-        end = time.time() + timeout
-        while not server.alive():
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()[-3000:]}")
-            if time.time() > end:
-                raise AssertionError(f"server not up after {timeout} s:\n{server.log()[-3000:]}")
-            time.sleep(0.3)
+    log_path = Path(log_dir) / f"server-{free_port()}.log"
+    with server_child(list(args), log_path, env, timeout, command) as (url, proc):
+        server = Server(url, proc, log_path, key)
         models = httpx.get(server.base_url + "/models", headers=server.headers(), timeout=10).json()
         server.model = models["data"][0]["id"]
         yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def pipeline_turns(backend: str, model: Path, questions: list[str], image: Path | None = None,
