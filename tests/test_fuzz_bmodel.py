@@ -16,7 +16,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from fuzzing import assert_clear, bounded
+from fuzzing import assert_clear, bounded, floats
 from mllama_tpu import REPO_ROOT, bmodel_file
 from mllama_tpu.compile.cache import stamp_path
 from mllama_tpu.engines import open_engine
@@ -61,7 +61,7 @@ def test_compile_records_the_head_digest(bmodel):
 
 
 @bounded(25, deadline_ms=20000)
-@given(cut=st.floats(0, 1, exclude_max=True))
+@given(cut=floats(0, 1, exclude_max=True))
 @example(cut=0.0)
 @example(cut=0.5)
 def test_truncated_bmodel_is_refused(bmodel, tmp_path, cut):
@@ -72,7 +72,7 @@ def test_truncated_bmodel_is_refused(bmodel, tmp_path, cut):
 
 
 @bounded(60, deadline_ms=20000)
-@given(where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
+@given(where=floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
 def test_flipped_bit_in_header_or_flatbuffer_is_refused(copy, head_length, where, bit):
     offset = int(head_length * where)
     with open(copy, "r+b") as f:

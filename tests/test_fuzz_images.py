@@ -16,7 +16,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from PIL import Image
 
-from fuzzing import assert_clear, bounded
+from fuzzing import assert_clear, bounded, floats
 from mllama_tpu.errors import UserError
 from mllama_tpu.images import decode_image, load_image
 from mllama_tpu.serve.errors import ApiError
@@ -124,7 +124,7 @@ SEEDS = _seed_files()
 
 
 @bounded(200)
-@given(name=st.sampled_from(sorted(SEEDS)), cut=st.floats(0, 1, exclude_max=True))
+@given(name=st.sampled_from(sorted(SEEDS)), cut=floats(0, 1, exclude_max=True))
 @example(name="PNG", cut=0.5).via("the truncated PNG of test_pipeline")
 def test_truncated_file_is_refused_in_one_line(name, cut):
     data = SEEDS[name]
@@ -132,7 +132,7 @@ def test_truncated_file_is_refused_in_one_line(name, cut):
 
 
 @bounded(300)
-@given(name=st.sampled_from(sorted(SEEDS)), flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True),
+@given(name=st.sampled_from(sorted(SEEDS)), flips=st.lists(st.tuples(floats(0, 1, exclude_max=True),
                                                                      st.integers(0, 7)), min_size=1, max_size=8))
 def test_bit_flipped_file_decodes_or_is_refused(name, flips):
     data = bytearray(SEEDS[name])
@@ -233,7 +233,7 @@ def test_arbitrary_image_url_is_an_image_or_a_400(url):
 
 
 @bounded(100)
-@given(name=st.sampled_from(sorted(SEEDS)), cut=st.floats(0, 1), flip=st.integers(0, 2**20),
+@given(name=st.sampled_from(sorted(SEEDS)), cut=floats(0, 1), flip=st.integers(0, 2**20),
        mime=st.sampled_from(["image/png", "image/jpeg", "image/webp", "image/gif", "image/x-anything"]))
 def test_damaged_data_url_image_is_a_400(name, cut, flip, mime):
     data = bytearray(SEEDS[name][: max(1, int(len(SEEDS[name]) * cut))])

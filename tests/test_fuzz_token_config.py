@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from fuzzing import JSON, assert_clear, bounded, mutated
+from fuzzing import JSON, assert_clear, bounded, floats, mutated
 from mllama_tpu.engines.onnx import OnnxEngine
 from mllama_tpu.errors import UserError
 from mllama_tpu.inputs import prepare_image, prompt_features, user_message
@@ -95,7 +95,7 @@ def test_truncated_or_flipped_file(engine, originals, token_config, data):
 @bounded(25, deadline_ms=20000)
 @given(junk=st.sampled_from(["{{", "{% if %}", "{{ raise_exception('x') }}", "{{ messages[99] }}",
                              "{% for %}", "{{ undefined_thing.attr }}", "{% endfor %}", "\0", ""]),
-       where=st.floats(0, 1))
+       where=floats(0, 1))
 def test_damaged_chat_template(engine, originals, token_config, junk, where):
     text = originals["chat_template.jinja"].decode()
     at = int(len(text) * where)
