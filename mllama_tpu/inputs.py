@@ -2,13 +2,13 @@
 
 The processor (transformers' AutoProcessor from a token_config dir) does everything it already
 knows how to do: chat template, tokenization, tiling, resizing, normalisation, aspect-ratio ids
-and the per-token cross-attention mask. This module only turns its output into the static-shape
-arrays of the net contract:
+and the per-token cross-attention mask. This module keeps a prompt compactly (ids, the tiles
+each token sees) and makes the static-shape arrays of the net contract per chunk:
 
-- ids padded to SEQ with the pad id (pad rows are computed but never read),
-- positions 0..SEQ-1,
-- an additive causal mask over the real tokens,
-- the cross-attention mask [1,1,SEQ,T*P]: token r sees tile t's P patch columns iff the
+- a chunk's ids padded to its step net's length with the pad id (pad rows are computed but
+  never read or cached), positions offset.., and the self-attention mask over the cache slots
+  filled so far plus the chunk itself, causally (a decode step is a chunk of one),
+- the cross-attention mask [1,1,C,T*P]: token r sees tile t's P patch columns iff the
   processor says so; rows that see no tile get text_row_mask 0 and an all-visible (zeroed)
   mask row, which is exactly what transformers' `_prepare_cross_attention_mask` does,
 - the decode-time cross row / text_row_mask: the last prompt token's, because transformers'
@@ -48,31 +48,112 @@ class ImageInputs:
 
 
 @dataclass
-class PrefillInputs:
-    """One prompt at the static shape SEQ: the prefill nets' inputs plus what decode needs."""
+class ChunkInputs:
+    """`rows` tokens of a prompt from cache slot `offset`, at the static length `size` of a
+    step net: what the net reads (self rows see the cache so far plus the chunk, causally)."""
 
-    input_ids: np.ndarray  # [1,SEQ] i32, padded with the pad id
-    position_ids: np.ndarray  # [1,SEQ] i32
-    attention_mask: np.ndarray  # [1,1,SEQ,SEQ] f32 additive causal mask
-    num_tokens: int  # real prompt length L (rows L..SEQ-1 are padding)
-    # Image prompts only (None for text-only prompts: engines skip the cross-attention layers).
-    cross_attention_mask: np.ndarray | None = None  # [1,1,SEQ,T*P] f32 additive
-    text_row_mask: np.ndarray | None = None  # [1,SEQ,1] f32, 1 keep / 0 zero
-    decode_cross_attention_mask: np.ndarray | None = None  # [1,1,1,T*P] f32, for every decode step
-    decode_text_row_mask: np.ndarray | None = None  # [1,1,1] f32
+    offset: int  # cache slot (= position) of the first token
+    rows: int  # real tokens; rows..size-1 are padding (computed, never read, never cached)
+    input_ids: np.ndarray  # [1,size] i32
+    position_ids: np.ndarray  # [1,size] i32
+    attention_mask: np.ndarray  # [1,1,size,SEQ+size] f32: the SEQ cache slots, then the chunk
+    cross_attention_mask: np.ndarray | None = None  # [1,1,size,T*P] f32, image prompts only
+    text_row_mask: np.ndarray | None = None  # [1,size,1] f32
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[1])
 
     @property
     def has_image(self) -> bool:
         return self.cross_attention_mask is not None
 
+
+@dataclass
+class PrefillInputs:
+    """One prompt: its tokens and, for an image prompt, which tiles each token sees. The static
+    shapes of the nets are made per chunk (`chunk`), and only for the tokens not yet cached."""
+
+    input_ids: np.ndarray  # [L] i32
+    seq_length: int  # SEQ of the engine (cache slots)
+    pad_id: int
+    # Image prompts only (None for text-only prompts: engines skip the cross-attention layers).
+    tile_rows: np.ndarray | None = None  # [L,T] 0/1: tile t is visible to token r (the processor's)
+    num_patches: int | None = None  # P
+
     @property
-    def seq_length(self) -> int:
-        return int(self.input_ids.shape[1])
+    def has_image(self) -> bool:
+        return self.tile_rows is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
 
     @property
     def token_ids(self) -> list[int]:
-        """The real prompt ids (without padding)."""
-        return [int(t) for t in self.input_ids[0, : self.num_tokens]]
+        return [int(t) for t in self.input_ids]
+
+    @property
+    def row_keys(self) -> list[tuple]:
+        """What a cached token's K/V depend on besides the tokens before it: its id and, in an
+        image prompt, the tiles it sees (engines.cache compares these)."""
+        if self.tile_rows is None:
+            return [(int(t), None) for t in self.input_ids]
+        return [(int(t), row.tobytes()) for t, row in zip(self.input_ids, self.tile_rows.astype(np.int8))]
+
+    def chunk(self, offset: int, rows: int, size: int) -> ChunkInputs:
+        """Tokens offset..offset+rows-1 as a step net of length `size` sees them."""
+        if not (0 <= offset and 1 <= rows <= size and offset + rows <= self.num_tokens):
+            raise ValueError(f"chunk of {rows} tokens at {offset} (size {size}) is outside the prompt of {self.num_tokens}")
+        seq = self.seq_length
+        ids = np.full((1, size), self.pad_id, dtype=np.int32)
+        ids[0, :rows] = self.input_ids[offset:offset + rows]
+        # Pad rows repeat the last position: every position stays inside the rotary tables.
+        positions = np.minimum(np.arange(offset, offset + size), offset + rows - 1).astype(np.int32)[None]
+        c = ChunkInputs(offset, rows, ids, positions, chunk_self_mask(offset, rows, size, seq))
+        if self.tile_rows is not None:
+            tiles = np.zeros((size, self.tile_rows.shape[1]), dtype=np.int64)
+            tiles[:rows] = self.tile_rows[offset:offset + rows]
+            mask, row = cross_masks(tiles, self.num_patches)
+            c.cross_attention_mask = mask[None, None]
+            c.text_row_mask = row.reshape(1, size, 1)
+        return c
+
+    def chunks(self, start: int, lengths: Sequence[int]) -> list[ChunkInputs]:
+        """Tokens start..L-1 as chunks: the largest length while more remain than it holds, then
+        the shortest that holds the rest (lengths: the step nets the engine has)."""
+        if not 0 <= start < self.num_tokens:
+            raise ValueError(f"prefill from token {start} of a prompt of {self.num_tokens}")
+        lengths = sorted(lengths)
+        out, offset = [], start
+        while offset < self.num_tokens:
+            left = self.num_tokens - offset
+            size = lengths[-1] if left >= lengths[-1] else next(c for c in lengths if c >= left)
+            rows = min(left, size)
+            out.append(self.chunk(offset, rows, size))
+            offset += rows
+        return out
+
+    @property
+    def decode_cross_attention_mask(self) -> np.ndarray | None:
+        """[1,1,1,T*P] of every decode step: the last prompt token's row, as transformers' generate."""
+        if self.tile_rows is None:
+            return None
+        mask, _ = cross_masks(self.tile_rows[-1:], self.num_patches)
+        return mask.reshape(1, 1, 1, -1)
+
+    @property
+    def decode_text_row_mask(self) -> np.ndarray | None:
+        """[1,1,1] of every decode step."""
+        if self.tile_rows is None:
+            return None
+        _, row = cross_masks(self.tile_rows[-1:], self.num_patches)
+        return row.reshape(1, 1, 1)
+
+    @property
+    def decode_row_key(self):
+        """row_keys' tile part of a decoded token (it sees what the last prompt token sees)."""
+        return self.row_keys[-1][1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,28 +238,24 @@ def count_prompt_tokens(processor: Any, messages: Sequence[dict]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def causal_mask(num_tokens: int, seq_length: int) -> np.ndarray:
-    """[1,1,SEQ,SEQ] additive: row i sees columns j <= i among the real tokens (j < L).
+def chunk_self_mask(filled: int, rows: int, size: int, seq_length: int) -> np.ndarray:
+    """[1,1,size,SEQ+size] additive self-attention mask of a step net.
 
-    Pad rows (i >= L) see the real tokens, so no row is all-hidden; they are never read anyway.
+    Columns 0..SEQ-1 are the cache (slots 0..filled-1 hold earlier tokens), columns SEQ.. the
+    step's own tokens: row r sees the cache and chunk tokens 0..r. Pad rows (r >= rows) see
+    the same as the last real row, so no row is all-hidden; they are never read. A decode
+    step is the chunk of one: the filled slots and its own column.
     """
-    i = np.arange(seq_length)[:, None]
-    j = np.arange(seq_length)[None, :]
-    visible = (j <= i) & (j < num_tokens)
-    mask = np.where(visible, MASK_VISIBLE, MASK_HIDDEN).astype(np.float32)
-    return mask[None, None]
+    r = np.arange(size)[:, None]
+    col = np.arange(seq_length + size)[None, :]
+    own = col - seq_length
+    visible = (col < filled) | ((own >= 0) & (own <= np.minimum(r, rows - 1)))
+    return np.where(visible, MASK_VISIBLE, MASK_HIDDEN).astype(np.float32)[None, None]
 
 
 def decode_self_mask(position: int, seq_length: int) -> np.ndarray:
-    """[1,1,1,SEQ+1] additive mask of a decode step at `position`.
-
-    Columns 0..SEQ-1 are the KV history (only 0..position-1 are filled), the last column is the
-    new token itself.
-    """
-    mask = np.full((1, 1, 1, seq_length + 1), MASK_HIDDEN, dtype=np.float32)
-    mask[..., :position] = MASK_VISIBLE
-    mask[..., seq_length] = MASK_VISIBLE
-    return mask
+    """[1,1,1,SEQ+1] additive mask of a decode step at `position` (the rule the C++ engine applies)."""
+    return chunk_self_mask(position, 1, 1, seq_length)
 
 
 def cross_masks(
@@ -233,14 +310,7 @@ def prefill_inputs(
     if n > seq_length:
         raise PromptTooLong(n, seq_length)
 
-    padded = np.full((1, seq_length), pad_id, dtype=np.int32)
-    padded[0, :n] = ids
-    p = PrefillInputs(
-        input_ids=padded,
-        position_ids=np.arange(seq_length, dtype=np.int32)[None],
-        attention_mask=causal_mask(n, seq_length),
-        num_tokens=n,
-    )
+    p = PrefillInputs(input_ids=ids.astype(np.int32), seq_length=seq_length, pad_id=pad_id)
     if cross_attention_mask is None:
         return p
 
@@ -251,15 +321,8 @@ def prefill_inputs(
         raise ValueError("num_patches and max_tiles are needed for an image prompt")
     if cam.shape[3] != max_tiles:
         raise ValueError(f"the processor tiles images into {cam.shape[3]} tiles, the model into {max_tiles}")
-
-    # Pad rows get an all-hidden tile mask, so they behave like rows before the image.
-    tile_rows = np.zeros((seq_length, max_tiles), dtype=np.int64)
-    tile_rows[:n] = cam[0, :, 0, :]
-    mask, row = cross_masks(tile_rows, num_patches)
-    p.cross_attention_mask = mask[None, None]
-    p.text_row_mask = row.reshape(1, seq_length, 1)
-    p.decode_cross_attention_mask = mask[n - 1].reshape(1, 1, 1, -1).copy()
-    p.decode_text_row_mask = row[n - 1].reshape(1, 1, 1).copy()
+    p.tile_rows = (cam[0, :, 0, :] != 0).astype(np.int64)
+    p.num_patches = num_patches
     return p
 
 

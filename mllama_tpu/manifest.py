@@ -12,7 +12,7 @@ from typing import Any
 from mllama_tpu import contract
 from mllama_tpu.errors import UserError
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: prefill in chunks against the cache (step nets, cross_kv_i), no block_i
 MANIFEST_NAME = "manifest.json"
 
 
@@ -38,8 +38,12 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: 'layers' must list 'self'/'cross' per text layer: re-run the export")
     if not _is_int(manifest.get("seq_length")) or manifest["seq_length"] < 1:
         raise UserError(f"{path}: 'seq_length' must be a positive integer: re-run the export")
+    lengths = manifest.get("prefill_lengths")
+    if (not isinstance(lengths, list) or not lengths or not all(_is_int(c) and 2 <= c <= manifest["seq_length"] for c in lengths)
+            or lengths != sorted(set(lengths))):
+        raise UserError(f"{path}: 'prefill_lengths' must be increasing integers in 2..seq_length: re-run the export")
     pieces = manifest.get("pieces")
-    missing = [n for n in contract.net_names(layers) if not isinstance(pieces, dict) or n not in pieces]
+    missing = [n for n in contract.net_names(layers, lengths) if not isinstance(pieces, dict) or n not in pieces]
     if missing:
         raise UserError(f"{path} lacks net(s) {', '.join(missing)}: the export is incomplete, re-run it")
     # What the readers take without asking again (the ONNX engine opens every piece's file).

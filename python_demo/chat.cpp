@@ -26,6 +26,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -351,26 +352,55 @@ struct NetShape {
 };
 struct Contract {
   std::map<std::string, NetShape> heads;   // "vit", "embedding", ..., "penalty_sample_head"
-  std::map<std::string, NetShape> blocks;  // "self_prefill", "self_decode", "cross_prefill", "cross_decode"
+  std::map<std::string, NetShape> blocks;  // step nets "self", "cross"; "cross_kv"
+  // Net name templates with {layer} and {rows}: "decode" (one token), "chunk", "cross_kv".
+  std::map<std::string, std::string> names;
   float mask_visible = 0.0f, mask_hidden = 0.0f;
 };
 
-// One decoder layer: its kind and its two nets, resolved once at load.
+// `name` against a template of literal text and {layer}/{rows} fields of digits: the fields'
+// values, or nothing when it does not match.
+static std::optional<std::map<std::string, int>> match_name(const std::string& templ, const std::string& name) {
+  std::map<std::string, int> fields;
+  size_t t = 0, n = 0;
+  while (t < templ.size()) {
+    if (templ[t] == '{') {
+      const size_t close = templ.find('}', t);
+      if (close == std::string::npos) return std::nullopt;
+      const size_t start = n;
+      while (n < name.size() && std::isdigit(static_cast<unsigned char>(name[n]))) ++n;
+      if (n == start || n - start > 6) return std::nullopt;
+      fields[templ.substr(t + 1, close - t - 1)] = std::stoi(name.substr(start, n - start));
+      t = close + 1;
+    } else {
+      if (n >= name.size() || name[n] != templ[t]) return std::nullopt;
+      ++t, ++n;
+    }
+  }
+  if (n != name.size()) return std::nullopt;
+  return fields;
+}
+
+// One decoder layer: its kind and its step nets by the tokens they run (1: decode), resolved
+// once at load; a cross layer also has the net that projects an image into its K/V.
 struct Layer {
   bool cross = false;
-  Net* prefill = nullptr;  // block_i: the prompt
-  Net* decode = nullptr;   // block_cache_i: one token
+  std::map<int, Net*> steps;  // rows -> block_cache_i (1) / block_chunk{rows}_i
+  Net* cross_kv = nullptr;    // cross_kv_i
+  Net* decode() const { return steps.at(1); }
 };
 
 // Dims read from the bmodel itself (valid after init).
 struct Dims {
   int seq = 0, hidden = 0, layers = 0, kv_heads = 0, head_dim = 0;
   int max_tiles = 0, patches = 0, tile_size = 0, vocab = 0, sample_k = 0, recent_ids = 0;
+  std::vector<int> prefill_lengths;  // chunk lengths of the step nets (every layer has the same)
+  int max_chunk() const { return prefill_lengths.empty() ? 1 : prefill_lengths.back(); }
 };
 
 // K/V of every layer in device memory, in the dtype the decode block reads them as.
-// Self layer i: [SEQ, KV, D] each, written whole by prefill, one row per decode step.
-// Cross layer i: [KV, T*P, D] each (head-major), written by an image prompt's prefill, read by decode.
+// Self layer i: [SEQ, KV, D] each, rows written by prefill chunks and decode steps.
+// Cross layer i: [KV, T*P, D] each (head-major), written by cross_kv_i once per image.
 class KVCache {
  public:
   struct Entry {
@@ -379,16 +409,18 @@ class KVCache {
     size_t elems = 0;
   };
   std::vector<Entry> layer;
-  int filled = 0;          // cache slots holding a token (self layers)
-  bool has_cross = false;  // cross K/V belong to the last prompt: decode runs the cross layers
+  int filled = 0;            // cache slots holding a token (self layers)
+  bool image_ready = false;  // cross K/V hold the current image's
+  bool has_cross = false;    // the tokens in the cache saw the image: decode runs the cross layers
 
   View k(int i) const { return View{layer[i].k.mem(), layer[i].dtype, layer[i].elems}; }
   View v(int i) const { return View{layer[i].v.mem(), layer[i].dtype, layer[i].elems}; }
-  void clear() { layer.clear(), filled = 0, has_cross = false; }
+  void clear() { layer.clear(), filled = 0, image_ready = false, has_cross = false; }
 };
 
-// Device buffers of one kind of step (prefill: SEQ rows; decode: one row), written by the host or
-// passed from layer to layer. Masks and positions are stored in the dtype their first reader takes.
+// Device buffers of one kind of step (prefill: the largest chunk's rows; decode: one row), written
+// by the host or passed from layer to layer. Masks and positions are stored in the dtype their
+// first reader takes.
 struct StepBuffers {
   DeviceMem hidden[2];  // ping-pong between layers
   DeviceMem position_ids, self_mask, cross_mask, text_row_mask;
@@ -416,9 +448,8 @@ class Mllama {
   KVCache kv_;
   StepBuffers prefill_buf_, decode_buf_;
   DeviceMem vit_out_;
-  View vit_states_;
-  bool image_ready_ = false;  // vit_out_ holds the current image's cross-attention states
   int next_position_ = 0;     // position id of the next fed token
+  bool decoding_ = false;     // a prompt's last chunk completed: decode may feed tokens
   size_t allocated_ = 0;      // bytes of device memory this engine allocated itself
   struct NetStat {
     long runs = 0;
@@ -462,8 +493,8 @@ class Mllama {
     dev_.reset();
     allocated_ = 0;
     net_stats_.clear();
-    image_ready_ = false;
     next_position_ = 0;
+    decoding_ = false;
     dims = Dims();
   }
 
@@ -525,10 +556,14 @@ class Mllama {
       if (it == contract_.heads.end()) fail(std::string("the contract names no head '") + name + "'");
       return resolve(name, it->second);
     };
-    auto block_shape = [&](bool cross, bool decode) -> const NetShape& {
-      const std::string role = std::string(cross ? "cross" : "self") + (decode ? "_decode" : "_prefill");
-      auto it = contract_.blocks.find(role);
-      if (it == contract_.blocks.end()) fail("the contract names no block role '" + role + "'");
+    auto role = [&](const std::string& r) -> const NetShape& {
+      auto it = contract_.blocks.find(r);
+      if (it == contract_.blocks.end()) fail("the contract names no block role '" + r + "'");
+      return it->second;
+    };
+    auto templ = [&](const std::string& r) -> const std::string& {
+      auto it = contract_.names.find(r);
+      if (it == contract_.names.end()) fail("the contract names no net template '" + r + "'");
       return it->second;
     };
     vit_ = head("vit");
@@ -537,14 +572,33 @@ class Mllama {
     lm_head_ = head("lm_head");
     greedy_head_ = head("greedy_head");
     sample_head_ = head("penalty_sample_head");
+    // Per-layer nets by their names: step nets by rows (decode's is 1), cross_kv per cross layer.
+    std::map<int, std::map<int, Net*>> steps;
+    std::map<int, Net*> cross_kv;
+    for (auto& kv : nets_) {
+      if (auto f = match_name(templ("decode"), kv.first)) steps[f->at("layer")][1] = &kv.second;
+      else if (auto f = match_name(templ("chunk"), kv.first)) steps[f->at("layer")][f->at("rows")] = &kv.second;
+      else if (auto f = match_name(templ("cross_kv"), kv.first)) cross_kv[f->at("layer")] = &kv.second;
+    }
     int count = 0;
-    while (nets_.count("block_" + std::to_string(count))) ++count;
-    if (count == 0) missing.push_back("net 'block_0' (no decoder layers)");
+    while (steps.count(count)) ++count;
+    if (count == 0) missing.push_back("net '" + templ("decode") + "' for layer 0 (no decoder layers)");
     for (int i = 0; i < count; ++i) {
       Layer l;
-      l.cross = nets_.at("block_" + std::to_string(i)).input("cross_attention_states") >= 0;
-      l.prefill = resolve("block_" + std::to_string(i), block_shape(l.cross, false));
-      l.decode = resolve("block_cache_" + std::to_string(i), block_shape(l.cross, true));
+      l.cross = cross_kv.count(i) > 0;
+      const std::string layer = std::to_string(i);
+      if (!steps[i].count(1)) missing.push_back("the decode net of layer " + layer);
+      for (auto& st : steps[i]) {
+        resolve(st.second->name, role(l.cross ? "cross" : "self"));
+        l.steps[st.first] = st.second;
+      }
+      if (l.cross) l.cross_kv = resolve(cross_kv[i]->name, role("cross_kv"));
+      std::vector<int> lengths;
+      for (auto& st : l.steps)
+        if (st.first > 1) lengths.push_back(st.first);
+      if (lengths.empty()) missing.push_back("a prefill chunk net of layer " + layer);
+      if (i == 0) dims.prefill_lengths = lengths;
+      else if (lengths != dims.prefill_lengths) missing.push_back("layer " + layer + "'s chunk lengths (layer 0's differ)");
       if (l.cross) cross_layers.push_back(i);
       layers_.push_back(l);
     }
@@ -557,12 +611,17 @@ class Mllama {
     for (const Layer& l : layers_)
       if (!l.cross && !first_self) first_self = &l;
     if (!first_self) throw std::invalid_argument("bmodel " + path + " has no self-attention layer");
+    const Net& self_decode = *first_self->decode();
 
     dims.layers = count;
-    dims.seq = embedding_->dim(false, 0, -1);
+    dims.seq = self_decode.dim(false, self_decode.input("history_k"), 1);
     dims.hidden = embedding_->dim(true, 0, -1);
-    dims.kv_heads = first_self->prefill->dim(true, 1, -2);
-    dims.head_dim = first_self->prefill->dim(true, 1, -1);
+    dims.kv_heads = self_decode.dim(true, 1, -2);
+    dims.head_dim = self_decode.dim(true, 1, -1);
+    if (embedding_->dim(false, 0, -1) != dims.max_chunk())
+      throw std::invalid_argument("bmodel " + path + ": net 'embedding' takes " +
+                                  std::to_string(embedding_->dim(false, 0, -1)) + " ids, the largest chunk is " +
+                                  std::to_string(dims.max_chunk()));
     dims.max_tiles = vit_->dim(true, 0, 0);
     dims.patches = vit_->dim(true, 0, 1);
     dims.tile_size = vit_->dim(false, vit_->input("pixel_values"), -1);
@@ -580,12 +639,15 @@ class Mllama {
       const Layer& l = layers_[i];
       KVCache::Entry& e = kv_.layer[i];
       const std::string tag = " of layer " + std::to_string(i);
-      e.dtype = l.decode->in_dtype(l.decode->input(l.cross ? "cross_k" : "history_k"));
+      const Net& d = *l.decode();
+      e.dtype = d.in_dtype(d.input(l.cross ? "cross_k" : "history_k"));
       e.elems = l.cross ? cross_elems : self_elems;
-      // At least what prefill writes there directly (its outputs 1 and 2).
+      // Cross K/V: at least what cross_kv_i writes there directly (its outputs 0 and 1).
       const size_t bytes = e.elems * dtype_size(e.dtype);
-      e.k = alloc(std::max(bytes, l.prefill->info->max_output_bytes[1]), (l.cross ? "cross K" : "K cache") + tag);
-      e.v = alloc(std::max(bytes, l.prefill->info->max_output_bytes[2]), (l.cross ? "cross V" : "V cache") + tag);
+      const size_t k_out = l.cross ? l.cross_kv->info->max_output_bytes[0] : 0;
+      const size_t v_out = l.cross ? l.cross_kv->info->max_output_bytes[1] : 0;
+      e.k = alloc(std::max(bytes, k_out), (l.cross ? "cross K" : "K cache") + tag);
+      e.v = alloc(std::max(bytes, v_out), (l.cross ? "cross V" : "V cache") + tag);
     }
     // 4 bytes per element fits every dtype a hidden state, mask or position can have.
     const size_t seq = dims.seq, tp = static_cast<size_t>(dims.max_tiles) * dims.patches;
@@ -597,17 +659,18 @@ class Mllama {
       b.cross_mask = alloc(rows * tp * 4, s + "cross-attention mask");
       b.text_row_mask = alloc(rows * 4, s + "text row mask");
     };
-    make(prefill_buf_, seq, seq, "prefill");
+    const size_t chunk = dims.max_chunk();
+    make(prefill_buf_, chunk, seq + chunk, "prefill");
     make(decode_buf_, 1, seq + 1, "decode");
     vit_out_ = alloc(vit_->info->max_output_bytes[0], "vision encoder output");
   }
 
-  // Input dtype `name` of the first layer net of kind `cross` for this step (step buffers are
-  // written in that dtype; a net wanting another converts in launch()).
-  bm_data_type_t reader_dtype(bool decode, bool cross, const std::string& name) const {
+  // Input dtype `name` of the first layer's step net of `rows` of kind `cross` (step buffers
+  // are written in that dtype; a net wanting another converts in launch()).
+  bm_data_type_t reader_dtype(int rows, bool cross, const std::string& name) const {
     for (const Layer& l : layers_)
       if (l.cross == cross) {
-        const Net& n = decode ? *l.decode : *l.prefill;
+        const Net& n = *l.steps.at(rows);
         return n.in_dtype(n.input(name));
       }
     return BM_FLOAT32;
@@ -730,8 +793,10 @@ class Mllama {
 
  public:
   // =======================================================================================
-  // 7. The vision encoder
+  // 7. The vision encoder and the cross K/V of an image
   // =======================================================================================
+  // Once per image: the vit, then every cross layer's K/V from its states, kept in the cache
+  // for every prefill chunk and decode step until the next image.
   void encode_image(const std::vector<float>& pixel_values, const std::vector<int32_t>& aspect_ratio_ids,
                     const std::vector<int32_t>& aspect_ratio_mask) {
     require_ready();
@@ -741,56 +806,55 @@ class Mllama {
     in["aspect_ratio_ids"] = upload_input(*vit_, "aspect_ratio_ids", aspect_ratio_ids.data(), aspect_ratio_ids.size());
     in["aspect_ratio_mask"] =
         upload_input(*vit_, "aspect_ratio_mask", aspect_ratio_mask.data(), aspect_ratio_mask.size());
-    image_ready_ = false;
-    vit_states_ = launch(*vit_, in, {&vit_out_})[0];
-    image_ready_ = true;
+    kv_.image_ready = false;  // no chunk or decode step may read half-written cross K/V
+    decoding_ = false;        // the cache's tokens saw the previous image: prefill again
+    const View states = launch(*vit_, in, {&vit_out_})[0];
+    for (int i : cross_layers) {
+      const Layer& l = layers_[i];
+      KVCache::Entry& e = kv_.layer[i];
+      const bool direct = l.cross_kv->out_dtype(0) == e.dtype && l.cross_kv->out_dtype(1) == e.dtype;
+      const auto o = launch(*l.cross_kv, {{"cross_attention_states", states}},
+                            {direct ? &e.k : nullptr, direct ? &e.v : nullptr});
+      if (!direct) {
+        const std::string tag = " of layer " + std::to_string(i);
+        copy(o[0], 0, e.k.mem(), e.dtype, 0, o[0].count, "cross K" + tag);
+        copy(o[1], 0, e.v.mem(), e.dtype, 0, o[1].count, "cross V" + tag);
+      }
+    }
+    kv_.image_ready = true;
     last_vit_ms = ms_since(t0);
   }
 
-  void clear_image() { image_ready_ = false; }
-
  private:
   // =======================================================================================
-  // 8. The layer pass: every layer once, for a prompt (prefill) or one token (decode)
+  // 8. The layer pass: every layer's step net once, for a prefill chunk or a decode step
   // =======================================================================================
-  // Self layers read positions and the causal mask; prefill writes their K/V into the cache
-  // whole, decode reads the cache and appends the new row at slot `slot`. Cross layers read the
-  // cross mask and text rows, and run only when the prompt has an image: prefill computes their
-  // K/V from the vision states, decode reads them.
-  View run_layers(bool decode, View h, int slot) {
-    StepBuffers& b = decode ? decode_buf_ : prefill_buf_;
+  // `size` tokens (the step net's length; `rows` of them real) at cache slot `slot`. Self layers
+  // read positions, the mask over cache + step, and the cache, and their new K/V rows become
+  // cache slots slot..slot+rows-1. Cross layers read the cross mask and text rows and the
+  // image's K/V, and run only when the step's tokens see an image (as transformers).
+  View run_layers(StepBuffers& b, int size, int rows, int slot, bool with_image, View h) {
     const size_t kv_row = static_cast<size_t>(dims.kv_heads) * dims.head_dim;
     int next = 1;
     for (int i = 0; i < dims.layers; ++i) {
       const Layer& l = layers_[i];
-      if (l.cross && !kv_.has_cross) continue;
-      Net& n = decode ? *l.decode : *l.prefill;
-      const std::string tag = " of layer " + std::to_string(i);
+      if (l.cross && !with_image) continue;
+      Net& n = *l.steps.at(size);
       std::map<std::string, View> in{{"input_states", h}};
-      std::vector<const DeviceMem*> out{&b.hidden[next]};
-      // Prefill writes K/V straight into the cache when the dtypes agree, else converts after.
-      const bool direct = !decode && n.out_dtype(1) == kv_.layer[i].dtype && n.out_dtype(2) == kv_.layer[i].dtype;
-      if (!decode) out.push_back(direct ? &kv_.layer[i].k : nullptr), out.push_back(direct ? &kv_.layer[i].v : nullptr);
       if (l.cross) {
         in["text_row_mask"] = b.text_rows;
         in["attention_mask"] = b.cross_attention;
-        if (decode)
-          in["cross_k"] = kv_.k(i), in["cross_v"] = kv_.v(i);
-        else
-          in["cross_attention_states"] = vit_states_;
+        in["cross_k"] = kv_.k(i), in["cross_v"] = kv_.v(i);
       } else {
         in["position_ids"] = b.positions;
         in["attention_mask"] = b.self_attention;
-        if (decode) in["history_k"] = kv_.k(i), in["history_v"] = kv_.v(i);
+        in["history_k"] = kv_.k(i), in["history_v"] = kv_.v(i);
       }
-      const std::vector<View> o = launch(n, in, out);
-      if (!decode && !direct) {
-        copy(o[1], 0, kv_.layer[i].k.mem(), kv_.layer[i].dtype, 0, o[1].count, "K" + tag);
-        copy(o[2], 0, kv_.layer[i].v.mem(), kv_.layer[i].dtype, 0, o[2].count, "V" + tag);
-      }
-      if (decode && !l.cross) {  // the new token's K/V become cache row `slot`
-        copy(o[1], 0, kv_.layer[i].k.mem(), kv_.layer[i].dtype, slot * kv_row, kv_row, "K cache" + tag);
-        copy(o[2], 0, kv_.layer[i].v.mem(), kv_.layer[i].dtype, slot * kv_row, kv_row, "V cache" + tag);
+      const std::vector<View> o = launch(n, in, {&b.hidden[next]});
+      if (!l.cross) {  // the step's real rows become cache slots
+        const std::string tag = " of layer " + std::to_string(i);
+        copy(o[1], 0, kv_.layer[i].k.mem(), kv_.layer[i].dtype, slot * kv_row, rows * kv_row, "K cache" + tag);
+        copy(o[2], 0, kv_.layer[i].v.mem(), kv_.layer[i].dtype, slot * kv_row, rows * kv_row, "V cache" + tag);
       }
       h = o[0];
       next = 1 - next;
@@ -799,21 +863,27 @@ class Mllama {
   }
 
   // =======================================================================================
-  // 9. Prefill, decode and the token heads
+  // 9. Prefill chunks, decode and the token heads
   // =======================================================================================
  public:
-  // What Python's PrefillInputs holds, flattened (mllama_tpu/inputs.py defines every value).
-  struct Prompt {
+  // What Python's ChunkInputs holds, flattened (mllama_tpu/inputs.py defines every value).
+  struct Chunk {
+    int offset = 0, rows = 0, size = 0;
     std::vector<int32_t> input_ids, position_ids;
     std::vector<float> attention_mask;
-    int num_tokens = 0;
-    std::optional<std::vector<float>> cross_attention_mask, text_row_mask, decode_cross_mask;
-    float decode_text_row = 1.0f;
+    std::optional<std::vector<float>> cross_attention_mask, text_row_mask;
   };
   // The penalty_sample_head's inputs besides the logits (mllama_tpu/sampling.py); none: greedy.
   struct SampleInputs {
     std::vector<int32_t> recent_ids;
     float top_p = 1.0f, temperature = 1.0f, repeat_penalty = 1.0f;
+  };
+  // What the last chunk of a prompt also does (engines.base.Finish): the heads, and the cross
+  // rows every decode step of the prompt reads.
+  struct Finish {
+    std::optional<SampleInputs> sample;
+    std::optional<std::vector<float>> decode_cross_mask;
+    float decode_text_row = 1.0f;
   };
   // What a step returns: the greedy head's token, or the sampling head's K candidates.
   struct HeadOutput {
@@ -822,52 +892,68 @@ class Mllama {
     std::vector<int32_t> tokens;
   };
 
-  HeadOutput prefill(const Prompt& p, const std::optional<SampleInputs>& sample) {
+  // Runs one chunk of a prompt against the cache slots before c.offset (those the engine's
+  // caller found still valid) and caches its rows; the last chunk (`finish`) runs the heads.
+  HeadOutput prefill_chunk(const Chunk& c, const std::optional<Finish>& finish) {
     require_ready();
     const auto t0 = std::chrono::steady_clock::now();
-    const size_t seq = dims.seq, tp = static_cast<size_t>(dims.max_tiles) * dims.patches;
-    if (p.num_tokens < 1 || p.num_tokens > dims.seq)
-      throw std::invalid_argument("num_tokens " + std::to_string(p.num_tokens) + " is outside 1.." +
-                                  std::to_string(dims.seq) + " (SEQLEN of the bmodel)");
-    expect_count("input_ids", p.input_ids.size(), seq);
-    expect_count("position_ids", p.position_ids.size(), seq);
-    expect_count("attention_mask", p.attention_mask.size(), seq * seq);
-    const bool with_image = p.cross_attention_mask.has_value();
+    const size_t seq = dims.seq, tp = static_cast<size_t>(dims.max_tiles) * dims.patches, size = c.size;
+    if (std::find(dims.prefill_lengths.begin(), dims.prefill_lengths.end(), c.size) == dims.prefill_lengths.end())
+      throw std::invalid_argument("no step net of " + std::to_string(c.size) + " tokens in this bmodel");
+    if (c.rows < 1 || c.rows > c.size || c.offset < 0 || c.offset > kv_.filled || c.offset + c.rows > dims.seq)
+      throw std::invalid_argument("chunk of " + std::to_string(c.rows) + " tokens at slot " + std::to_string(c.offset) +
+                                  " does not fit a cache of " + std::to_string(kv_.filled) + " filled / " +
+                                  std::to_string(dims.seq) + " slots");
+    expect_count("input_ids", c.input_ids.size(), size);
+    expect_count("position_ids", c.position_ids.size(), size);
+    expect_count("attention_mask", c.attention_mask.size(), size * (seq + size));
+    const bool with_image = c.cross_attention_mask.has_value();
     if (with_image) {
-      if (!image_ready_) fail("prefill with a cross-attention mask but no image encoded: call encode_image first");
-      if (!p.text_row_mask || !p.decode_cross_mask)
-        throw std::invalid_argument("an image prompt needs text_row_mask and decode_cross_attention_mask too");
-      expect_count("cross_attention_mask", p.cross_attention_mask->size(), seq * tp);
-      expect_count("text_row_mask", p.text_row_mask->size(), seq);
-      expect_count("decode_cross_attention_mask", p.decode_cross_mask->size(), tp);
+      if (!kv_.image_ready) fail("prefill with a cross-attention mask but no image encoded: call encode_image first");
+      if (!c.text_row_mask) throw std::invalid_argument("an image chunk needs text_row_mask too");
+      expect_count("cross_attention_mask", c.cross_attention_mask->size(), size * tp);
+      expect_count("text_row_mask", c.text_row_mask->size(), size);
+      if (finish && !finish->decode_cross_mask)
+        throw std::invalid_argument("an image prompt needs decode_cross_attention_mask too");
+      if (finish) expect_count("decode_cross_attention_mask", finish->decode_cross_mask->size(), tp);
     }
-    // Until this prefill completes, decode refuses to run on a half-written cache.
-    kv_.filled = 0;
-    kv_.has_cross = with_image;
+    // Until the prompt's last chunk completes, decode refuses to run on a half-written cache.
+    kv_.filled = c.offset;
+    decoding_ = false;
 
     StepBuffers& b = prefill_buf_;
-    View h = launch(*embedding_, {{"input_ids", upload_input(*embedding_, "input_ids", p.input_ids.data(), seq)}},
+    // The embedding net takes the largest chunk's ids; a shorter chunk reads its first rows.
+    std::vector<int32_t> ids(dims.max_chunk(), c.input_ids.back());
+    std::copy(c.input_ids.begin(), c.input_ids.end(), ids.begin());
+    View h = launch(*embedding_, {{"input_ids", upload_input(*embedding_, "input_ids", ids.data(), ids.size())}},
                     {&b.hidden[0]})[0];
-    b.positions = upload(p.position_ids.data(), seq, reader_dtype(false, false, "position_ids"), b.position_ids,
+    h.count = size * dims.hidden;
+    b.positions = upload(c.position_ids.data(), size, reader_dtype(c.size, false, "position_ids"), b.position_ids,
                          "prefill position ids");
-    b.self_attention = upload(p.attention_mask.data(), seq * seq, reader_dtype(false, false, "attention_mask"),
+    b.self_attention = upload(c.attention_mask.data(), size * (seq + size), reader_dtype(c.size, false, "attention_mask"),
                               b.self_mask, "prefill attention mask");
     if (with_image) {
-      b.cross_attention = upload(p.cross_attention_mask->data(), seq * tp, reader_dtype(false, true, "attention_mask"),
+      b.cross_attention = upload(c.cross_attention_mask->data(), size * tp, reader_dtype(c.size, true, "attention_mask"),
                                  b.cross_mask, "prefill cross-attention mask");
-      b.text_rows = upload(p.text_row_mask->data(), seq, reader_dtype(false, true, "text_row_mask"), b.text_row_mask,
+      b.text_rows = upload(c.text_row_mask->data(), size, reader_dtype(c.size, true, "text_row_mask"), b.text_row_mask,
                            "prefill text row mask");
-      // Every decode step of this prompt reads the same cross row: uploaded once, here.
-      StepBuffers& d = decode_buf_;
-      d.cross_attention = upload(p.decode_cross_mask->data(), tp, reader_dtype(true, true, "attention_mask"),
-                                 d.cross_mask, "decode cross-attention mask");
-      d.text_rows = upload(&p.decode_text_row, 1, reader_dtype(true, true, "text_row_mask"), d.text_row_mask,
-                           "decode text row mask");
     }
-    h = run_layers(false, h, 0);
-    kv_.filled = p.num_tokens;
-    next_position_ = p.position_ids[p.num_tokens - 1] + 1;
-    HeadOutput out = heads(h, p.num_tokens - 1, sample);
+    h = run_layers(b, c.size, c.rows, c.offset, with_image, h);
+    kv_.filled = c.offset + c.rows;
+    next_position_ = c.position_ids[c.rows - 1] + 1;
+    HeadOutput out;
+    if (finish) {
+      kv_.has_cross = with_image;
+      if (with_image) {  // every decode step of this prompt reads the same cross row: uploaded once, here
+        StepBuffers& d = decode_buf_;
+        d.cross_attention = upload(finish->decode_cross_mask->data(), tp, reader_dtype(1, true, "attention_mask"),
+                                   d.cross_mask, "decode cross-attention mask");
+        d.text_rows = upload(&finish->decode_text_row, 1, reader_dtype(1, true, "text_row_mask"), d.text_row_mask,
+                             "decode text row mask");
+      }
+      out = heads(h, c.rows - 1, finish->sample);
+      decoding_ = true;
+    }
     last_prefill_ms = ms_since(t0);
     return out;
   }
@@ -875,7 +961,7 @@ class Mllama {
   // Feeds `token` (the last one generated) and returns what the head makes of the next one.
   HeadOutput decode(int token, const std::optional<SampleInputs>& sample) {
     require_ready();
-    if (kv_.filled == 0) fail("decode before prefill: call prefill first");
+    if (!decoding_) fail("decode before prefill: call prefill first");
     if (kv_.filled >= dims.seq)  // Python stops before this (Engine.is_full): a guard of the cache bounds
       fail("the KV cache is full (SEQLEN " + std::to_string(dims.seq) + ")");
     const auto t0 = std::chrono::steady_clock::now();
@@ -884,13 +970,16 @@ class Mllama {
     View h = launch(*embedding_cache_, {{"input_ids", upload_input(*embedding_cache_, "input_ids", &id, 1)}},
                     {&b.hidden[0]})[0];
     const int32_t position = next_position_;
-    b.positions = upload(&position, 1, reader_dtype(true, false, "position_ids"), b.position_ids, "decode position id");
+    b.positions = upload(&position, 1, reader_dtype(1, false, "position_ids"), b.position_ids, "decode position id");
     const std::vector<float> row = decode_self_mask(kv_.filled);
-    b.self_attention = upload(row.data(), row.size(), reader_dtype(true, false, "attention_mask"), b.self_mask,
+    b.self_attention = upload(row.data(), row.size(), reader_dtype(1, false, "attention_mask"), b.self_mask,
                               "decode attention mask");
-    h = run_layers(true, h, kv_.filled);
-    ++kv_.filled, ++next_position_;
+    const int slot = kv_.filled;
+    decoding_ = false;  // a failed step leaves slot `slot` unknown: decode refuses until the next prefill
+    h = run_layers(b, 1, 1, slot, kv_.has_cross, h);
+    kv_.filled = slot + 1, ++next_position_;
     HeadOutput out = heads(h, 0, sample);
+    decoding_ = true;
     last_decode_ms = ms_since(t0);
     return out;
   }
@@ -1013,18 +1102,17 @@ static std::optional<std::vector<T>> to_opt_vec(const py::handle& o) {
 using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
-// mllama_tpu.inputs.PrefillInputs, read by its field names.
-static Mllama::Prompt prompt_from(const py::object& p) {
-  Mllama::Prompt r;
+// mllama_tpu.inputs.ChunkInputs, read by its field names.
+static Mllama::Chunk chunk_from(const py::object& p) {
+  Mllama::Chunk r;
+  r.offset = p.attr("offset").cast<int>();
+  r.rows = p.attr("rows").cast<int>();
+  r.size = p.attr("size").cast<int>();
   r.input_ids = to_vec<int32_t>(p.attr("input_ids"));
   r.position_ids = to_vec<int32_t>(p.attr("position_ids"));
   r.attention_mask = to_vec<float>(p.attr("attention_mask"));
-  r.num_tokens = p.attr("num_tokens").cast<int>();
   r.cross_attention_mask = to_opt_vec<float>(p.attr("cross_attention_mask"));
   r.text_row_mask = to_opt_vec<float>(p.attr("text_row_mask"));
-  r.decode_cross_mask = to_opt_vec<float>(p.attr("decode_cross_attention_mask"));
-  const auto row = to_opt_vec<float>(p.attr("decode_text_row_mask"));
-  if (row && !row->empty()) r.decode_text_row = (*row)[0];
   return r;
 }
 
@@ -1036,6 +1124,17 @@ static std::optional<Mllama::SampleInputs> sample_from(const py::object& s) {
   r.top_p = to_vec<float>(s.attr("top_p")).at(0);
   r.temperature = to_vec<float>(s.attr("temperature")).at(0);
   r.repeat_penalty = to_vec<float>(s.attr("repeat_penalty")).at(0);
+  return r;
+}
+
+// mllama_tpu.engines.base.Finish (or None: not the prompt's last chunk), read by its field names.
+static std::optional<Mllama::Finish> finish_from(const py::object& f) {
+  if (f.is_none()) return std::nullopt;
+  Mllama::Finish r;
+  r.sample = sample_from(f.attr("head"));
+  r.decode_cross_mask = to_opt_vec<float>(f.attr("decode_cross_attention_mask"));
+  const auto row = to_opt_vec<float>(f.attr("decode_text_row_mask"));
+  if (row && !row->empty()) r.decode_text_row = (*row)[0];
   return r;
 }
 
@@ -1061,6 +1160,7 @@ static Contract contract_from(const py::dict& spec) {
   };
   c.heads = shapes(spec["heads"]);
   c.blocks = shapes(spec["blocks"]);
+  c.names = spec["names"].cast<std::map<std::string, std::string>>();
   c.mask_visible = spec["mask_visible"].cast<float>();
   c.mask_hidden = spec["mask_hidden"].cast<float>();
   return c;
@@ -1126,6 +1226,7 @@ PYBIND11_MODULE(chat, m) {
       .def_property_readonly("VOCAB_SIZE", [](const Mllama& e) { return e.dims.vocab; })
       .def_property_readonly("SAMPLE_K", [](const Mllama& e) { return e.dims.sample_k; })
       .def_property_readonly("RECENT_IDS", [](const Mllama& e) { return e.dims.recent_ids; })
+      .def_property_readonly("PREFILL_LENGTHS", [](const Mllama& e) { return e.dims.prefill_lengths; })
       .def_readonly("cross_layers", &Mllama::cross_layers)
       .def_readonly("last_vit_ms", &Mllama::last_vit_ms)
       .def_readonly("last_prefill_ms", &Mllama::last_prefill_ms)
@@ -1142,22 +1243,21 @@ PYBIND11_MODULE(chat, m) {
           },
           py::arg("pixel_values"), py::arg("aspect_ratio_ids"), py::arg("aspect_ratio_mask"),
           "Run the vision encoder; its output stays in device memory for the next prefills.")
-      .def("clear_image", &Mllama::clear_image)
       .def(
-          "prefill",
-          [](Mllama& e, const py::object& prompt, const py::object& sample) {
-            const Mllama::Prompt p = prompt_from(prompt);
-            const auto s = sample_from(sample);
+          "prefill_chunk",
+          [](Mllama& e, const py::object& chunk, const py::object& finish) {
+            const Mllama::Chunk c = chunk_from(chunk);
+            const auto f = finish_from(finish);
             Mllama::HeadOutput o;
             {
               py::gil_scoped_release unlocked;
-              o = e.prefill(p, s);
+              o = e.prefill_chunk(c, f);
             }
-            return head_result(o);
+            return f ? head_result(o) : py::none();
           },
-          py::arg("prompt"), py::arg("sample") = py::none(),
-          "Run a PrefillInputs; returns greedy_head's token, or with SampleHeadInputs penalty_sample_head's "
-          "(probs, tokens). No cross mask: text-only (cross layers skipped).")
+          py::arg("chunk"), py::arg("finish") = py::none(),
+          "Run a ChunkInputs against the cache; with a Finish (the prompt's last chunk) returns greedy_head's "
+          "token, or penalty_sample_head's (probs, tokens). No cross mask: text-only (cross layers skipped).")
       .def(
           "decode",
           [](Mllama& e, int token, const py::object& sample) {

@@ -14,6 +14,9 @@ from mllama_tpu import REPO_ROOT
 TINY_MODEL = REPO_ROOT / "assets" / "tiny-mllama"
 CACHE = REPO_ROOT / "build" / "test-cache"
 TEST_SEQ_LENGTH = 128
+# Shorter than the defaults cut to SEQ (32, 128): conversations of the tests outgrow the largest
+# chunk, so prompts run as several chunks and follow-ups reuse the cache across them.
+TEST_PREFILL_LENGTHS = (16, 64)
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +34,7 @@ def tiny_onnx_dir(tiny_model_dir: Path) -> Path:
     from mllama_tpu.export import export_model
 
     out = CACHE / "onnx-tiny"
-    export_model(tiny_model_dir, out, TEST_SEQ_LENGTH)
+    export_model(tiny_model_dir, out, TEST_SEQ_LENGTH, prefill_lengths=TEST_PREFILL_LENGTHS)
     return out
 
 

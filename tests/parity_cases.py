@@ -82,3 +82,58 @@ def engine_generate(engine, processor, case: Case, max_new_tokens: int, eos: lis
     p = prefill_inputs(f["input_ids"][0], engine.seq_length, pad_token_id(processor),
                        f.get("cross_attention_mask"), engine.num_patches, engine.max_tiles)
     return generate(engine, p, eos, max_new_tokens)
+
+
+@dataclasses.dataclass
+class Conversation:
+    """Turns sent one after another to one engine, each prompt the whole conversation so far:
+    the engine's cache reuse decides what runs again. `turns` are (messages, image) per turn."""
+
+    name: str
+    turns: list[tuple[list[dict], Any]]
+
+
+def conversations(seed: int) -> list[Conversation]:
+    """Four turns about one image (history through the cache), the same conversation about
+    another image (nothing may be reused, and the whole prompt is longer than the test export's
+    largest chunk), and text-only turns."""
+    from mllama_tpu.inputs import assistant_message
+
+    rng = random.Random(seed)
+    s = data.make_sample(rng, turns=4)
+    other = data.make_sample(rng, turns=1)
+    first = [data.messages_for(s, upto=k, with_last_answer=False) for k in (1, 2, 3, 4)]
+    text = [[user_message("Hello", False)]]
+    text.append(text[0] + [assistant_message("Hi.")] + [user_message("What colour is the sky?", False)])
+    return [
+        Conversation("four_turns", [(m, data.render(s.scene)) for m in first]),
+        Conversation("image_changes", [(first[1], data.render(s.scene)), (first[3], data.render(other.scene))]),
+        Conversation("text_turns", [(m, None) for m in text]),
+    ]
+
+
+def conversation_case(conversation: Conversation, turn: int) -> Case:
+    messages, image = conversation.turns[turn]
+    return Case(f"{conversation.name}{turn}", messages, None, None, picture=image)
+
+
+def run_conversation(engine, processor, hf_model, conversation: Conversation, max_new_tokens: int) -> list[int]:
+    """Every turn's answer equals transformers' on the whole conversation; returns how many prompt
+    tokens each turn found in the cache (the engine encodes an image only when it changes)."""
+    eos = list(hf_model.generation_config.eos_token_id)
+    reused, last_image = [], None
+    for k in range(len(conversation.turns)):
+        case = conversation_case(conversation, k)
+        want = hf_generate(hf_model, processor, case, max_new_tokens)
+        image = prepare_image(processor, case.image) if case.image is not None else None
+        if image is not None and (last_image is None or not (image.pixel_values == last_image.pixel_values).all()):
+            engine.encode_image(image)
+            last_image = image
+        f = prompt_features(processor, case.messages, image)
+        p = prefill_inputs(f["input_ids"][0], engine.seq_length, pad_token_id(processor),
+                           f.get("cross_attention_mask"), engine.num_patches, engine.max_tiles)
+        got = generate(engine, p, eos, max_new_tokens)
+        tokens = got.tokens + ([want[-1]] if want and want[-1] in eos and got.stop_reason == "eos" else [])
+        assert tokens == want, f"{case.name}: engine {tokens} != transformers {want}"
+        reused.append(engine.last_reused)
+    return reused

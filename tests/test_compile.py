@@ -82,25 +82,28 @@ def test_quantized_bmodel_close_to_onnx(tiny_onnx_dir: Path, tiny_bmodel, mode: 
     nets = rep["nets"]
     device = "float16" if mode == "f16" else "bfloat16"
     assert rep["activation_dtype"] == device
-    assert nets["block_0"]["quantize"] == block_quant
-    assert nets["block_0"]["q_group_size"] == (64 if block_quant.startswith("W") else None)  # per-group W4/W8
+    for net in ("block_chunk64_0", "block_cache_0", "cross_kv_1"):
+        assert nets[net]["quantize"] == block_quant, net
+        assert nets[net]["q_group_size"] == (64 if block_quant.startswith("W") else None), net  # per-group W4/W8
     assert nets["vit"]["quantize"] == other_quant and nets["greedy_head"]["quantize"] == "F32"
     assert (nets["lm_head"]["quantize"], nets["lm_head"]["q_group_size"]) == lm_head_quant
     # Device-only tensors are bf16 (f16), host-facing ones keep f32/i32 (what the engine relies on).
     dtypes = {(n, t["name"]): t["dtype"] for n, e in nets.items() for t in e["inputs"]}
     assert dtypes[("block_cache_0", "history_k")] == device
     assert dtypes[("block_cache_0", "attention_mask")] == "float32"
-    assert dtypes[("block_0", "position_ids")] == "int32"
+    assert dtypes[("block_chunk16_0", "position_ids")] == "int32"
+    assert dtypes[("block_chunk16_1", "cross_k")] == device
     assert dtypes[("lm_head", "hidden_states")] == device
     assert dtypes[("vit", "pixel_values")] == "float32"
-    assert [t["dtype"] for t in nets["block_0"]["outputs"]] == [device] * 3
+    assert [t["dtype"] for t in nets["block_chunk16_0"]["outputs"]] == [device] * 3
+    assert [t["dtype"] for t in nets["cross_kv_1"]["outputs"]] == [device] * 2
     assert nets["lm_head"]["outputs"][0]["dtype"] == "float32"
 
     assert rep["device_dtype_mismatches"] == []
 
     manifest = parity.load_manifest(tiny_onnx_dir)
     checks = parity.check_nets(tiny_onnx_dir, bmodel,
-                               nets=[n for n in nets if n.startswith(("block_", "vit", "embedding"))])
+                               nets=[n for n in nets if n.startswith(("block_", "cross_kv_", "vit", "embedding"))])
     for c in checks:
         size = int(np.prod(manifest["pieces"][c.net]["outputs"][c.index]["shape"]))
         # A decode step's own K/V is 2*16 numbers in the tiny model: its cosine is a noisy

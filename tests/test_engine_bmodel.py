@@ -26,7 +26,7 @@ from mllama_tpu.inputs import (
 from mllama_tpu.manifest import token_facts
 from mllama_tpu.sampling import SamplingParams
 from mllama_tpu.tiny.task import LAYOUTS
-from tests.parity_cases import Case, engine_generate, hf_generate, make_cases
+from tests.parity_cases import Case, conversations, engine_generate, hf_generate, make_cases, run_conversation
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +100,19 @@ def test_greedy_matches_transformers_and_onnx(engine, onnx_engine, processor, hf
     assert got == want, f"{case.name}: bmodel {got} != transformers {want}"
 
 
+CONVERSATIONS = conversations(SEED)
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=[c.name for c in CONVERSATIONS])
+def test_conversations_reuse_the_cache_and_match_transformers(engine, processor, hf_model, conversation):
+    """Later turns keep what the device cache holds and prefill the rest in chunks; every answer
+    is transformers' on the whole conversation (four turns with history, an image that changes,
+    text-only turns)."""
+    engine.set_sampling(SamplingParams())
+    reused = run_conversation(engine, processor, hf_model, conversation, MAX_NEW_TOKENS)
+    assert (reused[1] == 0) == (conversation.name == "image_changes") and all(r > 0 for r in reused[2:]), reused
+
+
 MASK_CASES = [c for c in CASES if c.name in ("layout1x2", "text_only", "two_turns0")]
 
 
@@ -107,7 +120,7 @@ MASK_CASES = [c for c in CASES if c.name in ("layout1x2", "text_only", "two_turn
 def test_device_masks_are_the_python_definition(engine, processor, case):
     """The masks the C++ engine gives the decode nets equal mllama_tpu.inputs', for an image
     prompt, a text-only prompt and a two-turn prompt: the cross row and text row uploaded at
-    prefill, and the self-attention row it builds each step by the contract's rule."""
+    the prompt's last chunk, and the self-attention row it builds each step by the contract's rule."""
     image = prepare_image(processor, case.image) if case.scene is not None else None
     if image is not None:
         engine.encode_image(image)
@@ -195,10 +208,12 @@ def test_image_prompt_needs_an_encoded_image(engine, processor):
 def test_wrong_input_size_is_a_value_error(engine):
     with pytest.raises(ValueError, match="takes"):
         engine._e.encode_image(np.zeros(7, np.float32), np.zeros(1, np.int32), np.zeros(4, np.int32))
-    too_long = prefill_inputs(np.arange(4) + 10, engine.seq_length, 0)
-    too_long.num_tokens = engine.seq_length + 1
-    with pytest.raises(ValueError, match="num_tokens"):
-        engine._e.prefill(too_long)
+    chunk = prefill_inputs(np.arange(40) + 10, engine.seq_length, 0).chunk(0, 20, 32)
+    with pytest.raises(ValueError, match="no step net of 32 tokens"):
+        engine._e.prefill_chunk(chunk)
+    chunk = prefill_inputs(np.arange(40) + 10, engine.seq_length, 0).chunk(30, 10, 16)
+    with pytest.raises(ValueError, match="does not fit"):  # slot 30 of an empty cache
+        engine._e.prefill_chunk(chunk)
 
 
 def test_simulator_debug_output_stays_off_stdout(bmodel_path, tmp_path):

@@ -87,7 +87,7 @@ def test_module_imports_and_reports_its_interface(module_path):
     assert res.returncode == 0, res.stderr
     ready, _, names = res.stdout.strip().partition(" ")
     assert ready == "False"
-    for name in ("init", "deinit", "encode_image", "clear_image", "prefill", "decode", "decode_self_mask",
+    for name in ("init", "deinit", "encode_image", "prefill_chunk", "decode", "decode_self_mask", "PREFILL_LENGTHS",
                  "decode_cross_masks", "net_io", "net_stats", "memory_info", "SEQLEN", "position"):
         assert f"'{name}'" in names, name
     # Sampling rules are Python's alone (mllama_tpu/sampling.py): the binding has no settings or defaults.
@@ -181,7 +181,7 @@ def test_non_contract_bmodel_names_what_is_missing(module_path, non_contract_bmo
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("ValueError:"))
     assert "is not an mllama-tpu bmodel" in line
     for missing in ("net 'vit'", "input 'input_ids' of net 'embedding'", "net 'embedding_cache'", "net 'lm_head'",
-                    "net 'greedy_head'", "net 'penalty_sample_head'", "net 'block_0'"):
+                    "net 'greedy_head'", "net 'penalty_sample_head'", "(no decoder layers)"):
         assert missing in line, f"{missing} not named in: {line}"
     assert "ready: False" in res.stdout
 

@@ -68,6 +68,12 @@ def test_bad_seq_length(tmp_path, model_dir, seq, words):
     assert_user_error(export_cli("-m", model_dir, "-s", seq, "-f", tmp_path / "out"), *words)
 
 
+@pytest.mark.parametrize("lengths,words", [("1,8", ["at least 2"]), ("8,x", ["not a list of integers"]), ("", ["not a list"])])
+def test_bad_prefill_lengths(tmp_path, model_dir, lengths, words):
+    assert_user_error(export_cli("-m", model_dir, "-s", "16", "-f", tmp_path / "out", "--prefill_lengths", lengths),
+                      "prefill_lengths", *words)
+
+
 def test_unwritable_output(tmp_path, model_dir):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a directory should go")  # root ignores chmod, so block with a file
@@ -76,33 +82,35 @@ def test_unwritable_output(tmp_path, model_dir):
 
 def test_resume_keeps_finished_and_replaces_corrupted(tmp_path, model_dir):
     out = tmp_path / "onnx"
-    first = export_cli("-m", model_dir, "-s", "16", "-f", out)
+    first = export_cli("-m", model_dir, "-s", "16", "-f", out, "--prefill_lengths", "4,8")
     assert first.returncode == 0, first.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     files = {name: out / e["file"] for name, e in manifest["pieces"].items()}
-    assert set(files) == {"embedding", "embedding_cache", "block_0", "block_cache_0", "block_1", "block_cache_1",
+    assert manifest["prefill_lengths"] == [4, 8]
+    assert set(files) == {"embedding", "embedding_cache", "block_cache_0", "block_chunk4_0", "block_chunk8_0",
+                          "cross_kv_1", "block_cache_1", "block_chunk4_1", "block_chunk8_1",
                           "lm_head", "greedy_head", "penalty_sample_head", "vit"}
     assert (out / "token_config" / "config.json").is_file()
     mtimes = {n: f.stat().st_mtime_ns for n, f in files.items()}
 
-    with open(files["block_1"], "ab") as f:  # corrupt one finished piece
+    with open(files["block_chunk8_1"], "ab") as f:  # corrupt one finished piece
         f.write(b"garbage")
     stale_tmp = out / "pieces" / ".tmp-lm_head"  # and leave a half-written export behind
     stale_tmp.mkdir()
     (stale_tmp / "lm_head.onnx").write_bytes(b"half")
 
-    second = export_cli("-m", model_dir, "-s", "16", "-f", out)
+    second = export_cli("-m", model_dir, "-s", "16", "-f", out, "--prefill_lengths", "8,4")
     assert second.returncode == 0, second.stderr
     after = json.loads((out / "manifest.json").read_text())
     for name, f in files.items():
-        if name == "block_1":
+        if name == "block_chunk8_1":
             assert f.stat().st_mtime_ns != mtimes[name]
         else:
             assert f.stat().st_mtime_ns == mtimes[name], f"{name} was re-exported"
     assert not stale_tmp.exists()
-    entry = after["pieces"]["block_1"]
+    entry = after["pieces"]["block_chunk8_1"]
     from mllama_tpu.export.onnx_io import sha256_file
-    assert sha256_file(files["block_1"]) == entry["sha256"] == manifest["pieces"]["block_1"]["sha256"]
+    assert sha256_file(files["block_chunk8_1"]) == entry["sha256"] == manifest["pieces"]["block_chunk8_1"]["sha256"]
 
 
 def test_retrained_weights_of_the_same_size_are_exported_again(tmp_path, model_dir):

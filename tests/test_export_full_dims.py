@@ -24,6 +24,7 @@ from mllama_tpu.export.random_checkpoint import full_config, write_random_checkp
 pytestmark = pytest.mark.slow
 
 SEQ = 32  # shapes scale with it; a short one keeps the traced forward (and CI) quick
+CHUNK = 32  # the default prefill lengths cut to SEQ
 VOCAB = 4096
 T, S, P, KV, D = 4, 560, 1601, 8, 128
 
@@ -34,7 +35,7 @@ def contract(h: int, kinds: list[str], vocab: int, seq: int = SEQ) -> dict[str, 
     nets = {
         "vit": ([("pixel_values", [T, 3, S, S], f), ("aspect_ratio_ids", [1, 1], i), ("aspect_ratio_mask", [1, T], i)],
                 [("cross_attention_states", [T, P, h], f)]),
-        "embedding": ([("input_ids", [1, seq], i)], [("hidden_states", [1, seq, h], f)]),
+        "embedding": ([("input_ids", [1, CHUNK], i)], [("hidden_states", [1, CHUNK, h], f)]),
         "embedding_cache": ([("input_ids", [1, 1], i)], [("hidden_states", [1, 1, h], f)]),
         "lm_head": ([("hidden_states", [1, h], f)], [("logits", [1, vocab], f)]),
         "greedy_head": ([("logits", [1, vocab], f)], [("token", [1], i)]),
@@ -44,27 +45,24 @@ def contract(h: int, kinds: list[str], vocab: int, seq: int = SEQ) -> dict[str, 
             [("probs", [1, 50], f), ("tokens", [1, 50], i)]),
     }
     for n, kind in enumerate(kinds):
-        if kind == "self":
-            nets[f"block_{n}"] = (
-                [("input_states", [1, seq, h], f), ("position_ids", [1, seq], i),
-                 ("attention_mask", [1, 1, seq, seq], f)],
-                [("hidden_states", [1, seq, h], f), ("present_k", [1, seq, KV, D], f),
-                 ("present_v", [1, seq, KV, D], f)])
-            nets[f"block_cache_{n}"] = (
-                [("input_states", [1, 1, h], f), ("position_ids", [1, 1], i), ("attention_mask", [1, 1, 1, seq + 1], f),
-                 ("history_k", [1, seq, KV, D], f), ("history_v", [1, seq, KV, D], f)],
-                [("hidden_states", [1, 1, h], f), ("present_k", [1, 1, KV, D], f), ("present_v", [1, 1, KV, D], f)])
-        else:
-            nets[f"block_{n}"] = (
-                [("input_states", [1, seq, h], f), ("cross_attention_states", [T, P, h], f),
-                 ("text_row_mask", [1, seq, 1], f), ("attention_mask", [1, 1, seq, T * P], f)],
-                [("hidden_states", [1, seq, h], f), ("cross_k", [1, KV, T * P, D], f),
-                 ("cross_v", [1, KV, T * P, D], f)])
-            nets[f"block_cache_{n}"] = (
-                [("input_states", [1, 1, h], f), ("text_row_mask", [1, 1, 1], f),
-                 ("attention_mask", [1, 1, 1, T * P], f), ("cross_k", [1, KV, T * P, D], f),
-                 ("cross_v", [1, KV, T * P, D], f)],
-                [("hidden_states", [1, 1, h], f)])
+        for rows in (1, CHUNK):  # decode, and the one prefill chunk the defaults leave at this SEQ
+            name = f"block_cache_{n}" if rows == 1 else f"block_chunk{rows}_{n}"
+            if kind == "self":
+                nets[name] = (
+                    [("input_states", [1, rows, h], f), ("position_ids", [1, rows], i),
+                     ("attention_mask", [1, 1, rows, seq + rows], f), ("history_k", [1, seq, KV, D], f),
+                     ("history_v", [1, seq, KV, D], f)],
+                    [("hidden_states", [1, rows, h], f), ("present_k", [1, rows, KV, D], f),
+                     ("present_v", [1, rows, KV, D], f)])
+            else:
+                nets[name] = (
+                    [("input_states", [1, rows, h], f), ("text_row_mask", [1, rows, 1], f),
+                     ("attention_mask", [1, 1, rows, T * P], f), ("cross_k", [1, KV, T * P, D], f),
+                     ("cross_v", [1, KV, T * P, D], f)],
+                    [("hidden_states", [1, rows, h], f)])
+        if kind == "cross":
+            nets[f"cross_kv_{n}"] = ([("cross_attention_states", [T, P, h], f)],
+                                     [("cross_k", [1, KV, T * P, D], f), ("cross_v", [1, KV, T * P, D], f)])
     return nets
 
 
@@ -123,5 +121,5 @@ def test_90b_dims(tmp_path):
     d = manifest["dims"]
     assert (d["hidden_size"], d["num_attention_heads"], d["num_key_value_heads"], d["intermediate_size"]) == \
         (8192, 64, 8, 28672)
-    for name in ("block_0", "block_1"):  # 3.4 GB of f32 weights each: the external-data path
+    for name in ("block_chunk32_0", "block_chunk32_1"):  # 3.4 GB of f32 weights each: the external-data path
         assert manifest["pieces"][name]["external_data"]["size"] > 2 << 30

@@ -19,11 +19,13 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopKLogitsWarper, TopPLogitsWarper)
 from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
 
-from mllama_tpu.contract import MASK_HIDDEN
+from mllama_tpu.contract import MASK_HIDDEN, cross_kv_block, step_block
+from mllama_tpu.inputs import prefill_inputs
 from mllama_tpu.export import export_model
 from mllama_tpu.export.random_checkpoint import tiny_config, write_random_checkpoint
 
 SEQ = 24
+CHUNKS = (8, 16)
 TOL = 1e-4
 NEG = MASK_HIDDEN
 
@@ -36,7 +38,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     root = tmp_path_factory.mktemp("export-pieces")
     model_dir = write_random_checkpoint(root / "model", cfg, seed=1, shard_bytes=200_000)
     out = root / "onnx"
-    manifest = json.loads(export_model(model_dir, out, SEQ, progress=False).read_text())
+    manifest = json.loads(export_model(model_dir, out, SEQ, progress=False, prefill_lengths=CHUNKS).read_text())
     model = MllamaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager").eval()
     return out, manifest, model
 
@@ -97,7 +99,7 @@ def test_vit(tiny, ratio, tiles):
 @torch.no_grad()
 def test_embedding(tiny):
     out, manifest, model = tiny
-    ids = torch.randint(0, manifest["dims"]["vocab_size"], (1, SEQ))
+    ids = torch.randint(0, manifest["dims"]["vocab_size"], (1, max(CHUNKS)))  # the largest chunk's ids
     ids[0, 3] = manifest["image_token_id"]  # the image token lives past the text vocab
     table = model.model.language_model.embed_tokens
     (ours,) = run(out, "embedding", input_ids=ids.numpy().astype(np.int32))
@@ -107,42 +109,40 @@ def test_embedding(tiny):
 
 
 @torch.no_grad()
-def test_self_block_prefill_and_decode(tiny):
+@pytest.mark.parametrize("filled,rows,size", [(0, 5, 8), (0, 16, 16), (7, 6, 8), (11, 1, 1), (SEQ - 1, 1, 1)])
+def test_self_block_runs_a_chunk_against_the_cache(tiny, filled, rows, size):
+    """`rows` new tokens (a chunk padded to its net's length, or a decode step) after `filled`
+    cached ones: the hidden states and the new K/V transformers gives the same tokens."""
     out, manifest, model = tiny
     i = layer_index(manifest, "self")
     lm = model.model.language_model
     layer, h = lm.layers[i], manifest["dims"]["hidden_size"]
-    real = SEQ - 5  # a padded prompt: the last 5 slots are empty
-    x = torch.randn(1, SEQ, h)
-    pos = torch.arange(SEQ).view(1, SEQ)
-    mask = causal_mask(SEQ, real)
+    x = torch.randn(1, filled + rows, h)
+    pos = torch.arange(filled + rows).view(1, -1)
     cache = DynamicCache(config=lm.config)
-    ref = layer(x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                position_embeddings=lm.rotary_emb(x, pos))
-    hidden, k, v = run(out, f"block_{i}", input_states=f32(x), position_ids=pos.numpy().astype(np.int32),
-                       attention_mask=f32(mask))
-    close(hidden, ref)
-    close(k, to_kv_layout(cache.layers[i].keys))
-    close(v, to_kv_layout(cache.layers[i].values))
+    if filled:
+        layer(x[:, :filled], attention_mask=causal_mask(filled, filled), position_ids=pos[:, :filled],
+              past_key_values=cache, use_cache=True, position_embeddings=lm.rotary_emb(x, pos[:, :filled]))
+    k_cached = to_kv_layout(cache.layers[i].keys).numpy() if filled else None
+    v_cached = to_kv_layout(cache.layers[i].values).numpy() if filled else None
+    new_pos = pos[:, filled:]
+    mask = torch.zeros(1, 1, rows, filled + rows)
+    mask[0, 0, :, filled:] = causal_mask(rows, rows)[0, 0]
+    ref = layer(x[:, filled:], attention_mask=mask, position_ids=new_pos, past_key_values=cache, use_cache=True,
+                position_embeddings=lm.rotary_emb(x, new_pos))
 
-    # Decode one token at position `real`, against the prompt's cache only.
-    cache = DynamicCache(config=lm.config)
-    layer(x[:, :real], attention_mask=causal_mask(real, real), position_ids=pos[:, :real], past_key_values=cache,
-          use_cache=True, position_embeddings=lm.rotary_emb(x, pos[:, :real]))
-    new = torch.randn(1, 1, h)
-    new_pos = torch.tensor([[real]])
-    ref = layer(new, attention_mask=torch.zeros(1, 1, 1, real + 1), position_ids=new_pos, past_key_values=cache,
-                use_cache=True, position_embeddings=lm.rotary_emb(new, new_pos))
-    hist_k, hist_v = np.random.randn(2, 1, SEQ, *k.shape[2:]).astype(np.float32)  # junk beyond `real`
-    hist_k[:, :real], hist_v[:, :real] = k[:, :real], v[:, :real]
-    dmask = np.full((1, 1, 1, SEQ + 1), NEG, np.float32)
-    dmask[..., :real] = 0
-    dmask[..., -1] = 0  # the new token itself
-    hidden, nk, nv = run(out, f"block_cache_{i}", input_states=f32(new), position_ids=new_pos.numpy().astype(np.int32),
-                         attention_mask=dmask, history_k=hist_k, history_v=hist_v)
-    close(hidden, ref)
-    close(nk, to_kv_layout(cache.layers[i].keys)[:, -1:])
-    close(nv, to_kv_layout(cache.layers[i].values)[:, -1:])
+    kv, d = manifest["dims"]["num_key_value_heads"], manifest["dims"]["head_dim"]
+    hist_k, hist_v = np.random.randn(2, 1, SEQ, kv, d).astype(np.float32)  # junk beyond `filled`
+    if filled:
+        hist_k[:, :filled], hist_v[:, :filled] = k_cached, v_cached
+    chunk = prefill_inputs(np.zeros(filled + rows, np.int64), SEQ, 0).chunk(filled, rows, size)
+    states = np.random.randn(1, size, h).astype(np.float32)  # pad rows: anything
+    states[:, :rows] = f32(x[:, filled:])
+    hidden, nk, nv = run(out, step_block(i, size), input_states=states, position_ids=chunk.position_ids,
+                         attention_mask=chunk.attention_mask, history_k=hist_k, history_v=hist_v)
+    close(hidden[:, :rows], ref)
+    close(nk[:, :rows], to_kv_layout(cache.layers[i].keys)[:, filled:])
+    close(nv[:, :rows], to_kv_layout(cache.layers[i].values)[:, filled:])
 
 
 def cross_inputs(manifest: dict, tiles_seen: torch.Tensor):
@@ -157,7 +157,9 @@ def cross_inputs(manifest: dict, tiles_seen: torch.Tensor):
 
 
 @torch.no_grad()
-def test_cross_block_prefill_and_decode(tiny):
+def test_cross_kv_and_cross_block_steps(tiny):
+    """cross_kv_i gives transformers' cross K/V of an image; the step nets, a chunk of rows or one
+    decode row, give its hidden states for those rows (seeing tiles, or none)."""
     out, manifest, model = tiny
     d = manifest["dims"]
     i = layer_index(manifest, "cross")
@@ -172,25 +174,19 @@ def test_cross_block_prefill_and_decode(tiny):
     cache = DynamicCache(config=lm.config)
     ref = layer(x, cross_attention_states=states, cross_attention_mask=ref_mask, attention_mask=None,
                 full_text_row_masked_out_mask=row, past_key_values=cache, use_cache=True)
-    hidden, ck, cv = run(out, f"block_{i}", input_states=f32(x), cross_attention_states=f32(states),
-                         text_row_mask=our_row, attention_mask=our_mask)
-    assert our_row[0, :4, 0].sum() == 0 and our_row[0, 10:12, 0].sum() == 0
-    close(hidden, ref)
+    ck, cv = run(out, cross_kv_block(i), cross_attention_states=f32(states))
     close(ck, cache.layers[i].keys)  # cross K/V are head-major, as transformers keeps them
     close(cv, cache.layers[i].values)
-
-    # transformers reads cross K/V from the cache only once the cache "has tokens" (layer 0's length).
-    if i != 0:
-        kv, hd = d["num_key_value_heads"], d["head_dim"]
-        cache.update(torch.zeros(1, kv, SEQ, hd), torch.zeros(1, kv, SEQ, hd), 0)
-    for r in (SEQ - 1, 2, 10):  # a row that sees tiles, and fully hidden ones
-        new = torch.randn(1, 1, h)
-        ref = layer(new, cross_attention_states=None, cross_attention_mask=ref_mask[:, :, r:r + 1],
-                    attention_mask=None, full_text_row_masked_out_mask=row[:, :, r:r + 1], past_key_values=cache,
-                    use_cache=True)
-        (hidden,) = run(out, f"block_cache_{i}", input_states=f32(new), text_row_mask=our_row[:, r:r + 1],
-                        attention_mask=our_mask[:, :, r:r + 1], cross_k=ck, cross_v=cv)
-        close(hidden, ref)
+    assert our_row[0, :4, 0].sum() == 0 and our_row[0, 10:12, 0].sum() == 0
+    for lo, size in [(0, 16), (8, 16), (3, 8), (SEQ - 1, 1), (2, 1), (10, 1)]:
+        n = min(size, SEQ - lo)
+        rows_in = np.zeros((1, size, h), np.float32)  # pad rows: zeros, all-visible, no MLP
+        mask_in = np.zeros((1, 1, size, t * p), np.float32)
+        row_in = np.zeros((1, size, 1), np.float32)
+        rows_in[:, :n], mask_in[:, :, :n], row_in[:, :n] = f32(x[:, lo:lo + n]), our_mask[:, :, lo:lo + n], our_row[:, lo:lo + n]
+        (hidden,) = run(out, step_block(i, size), input_states=rows_in, text_row_mask=row_in, attention_mask=mask_in,
+                        cross_k=ck, cross_v=cv)
+        close(hidden[:, :n], ref[:, lo:lo + n])
 
 
 @torch.no_grad()
@@ -240,10 +236,11 @@ def test_external_data_piece_matches_single_file(tiny, tmp_path, monkeypatch):
     out, manifest, _ = tiny
     model_dir = out.parent / "model"
     monkeypatch.setattr(onnx_io, "SINGLE_FILE_LIMIT", 0)
-    ext = json.loads(export_model(model_dir, tmp_path, SEQ, only=["lm_head", "block_1"], progress=False).read_text())
-    entry = ext["pieces"]["block_1"]
-    assert entry["external_data"]["file"] == "pieces/block_1.onnx.data"
-    assert entry["inputs"] == manifest["pieces"]["block_1"]["inputs"]
+    ext = json.loads(export_model(model_dir, tmp_path, SEQ, only=["lm_head", "block_chunk8_1"], progress=False,
+                                  prefill_lengths=CHUNKS).read_text())
+    entry = ext["pieces"]["block_chunk8_1"]
+    assert entry["external_data"]["file"] == "pieces/block_chunk8_1.onnx.data"
+    assert entry["inputs"] == manifest["pieces"]["block_chunk8_1"]["inputs"]
     assert entry["size"] < 100_000 < entry["external_data"]["size"]  # the weights really moved out
     for f in (entry, entry["external_data"]):  # checksums taken while writing match the files
         assert onnx_io.sha256_file(tmp_path / f["file"]) == f["sha256"]

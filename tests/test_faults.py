@@ -183,9 +183,10 @@ def test_failed_launch_mid_turn_restarts_the_conversation(tiny_bmodel, fail_laun
     fresh = fresh_answers(model)
     # With history: Q1 answers; Q2 fails at its 2nd decode step (block_cache_1's launches: Q1's
     # decodes, then 2 more); Q3 is a new conversation; Q4 (after Q3, in it) fails in its prefill
-    # (block_0 runs once per prefill); Q5 = Q1 asked again starts anew.
+    # (the embedding runs once per prefill chunk, and these prompts are one chunk); Q5 = Q1 asked
+    # again starts anew.
     decodes_q1 = len(fresh[0]["tokens"])
-    plan = f"block_cache_1:{decodes_q1 + 2},block_0:4"
+    plan = f"block_cache_1:{decodes_q1 + 2},embedding:4"
     turns, stderr, code = pipeline_json(model, [Q1, Q2, Q3, Q4, Q1], "--enable_history",
                                         env=fault_env(fail_launch, FAIL_LAUNCH=plan))
     assert code == 2, stderr[-3000:]  # a turn failed: the scripted run says so in its status
@@ -193,7 +194,7 @@ def test_failed_launch_mid_turn_restarts_the_conversation(tiny_bmodel, fail_laun
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and "Traceback" not in stderr, stderr[-3000:]
     assert "net 'block_cache_1'" in errors[0] and "writing answer token 3 (decode)" in errors[0]
-    assert "net 'block_0'" in errors[1] and "reading the prompt (prefill)" in errors[1]
+    assert "net 'embedding'" in errors[1] and "reading the prompt (prefill)" in errors[1]
     for line in errors:
         assert "bmrt_launch_tensor_ex failed" in line and "conversation was restarted" in line and "ask again" in line
     assert [t["question"] for t in turns] == [Q1, Q3, Q1]
@@ -222,11 +223,11 @@ def test_server_survives_a_failed_launch_kill_9_and_a_hang_up(tiny_bmodel, fail_
     ref = fresh_answers(model)[0]
     ask = dict(messages=[user_turn(Q1, IMAGE)], max_tokens=64)
     n = len(ref["tokens"])  # block_cache_1 launches of a whole answer (one per decode step)
-    # Request 1 runs vit, block_0 once (prefill) and block_cache_1 n times. Request 2 (streamed)
+    # Request 1 runs vit, embedding once (a one-chunk prefill) and block_cache_1 n times. Request 2 (streamed)
     # fails at its 2nd decode. The failure drops the encoded image, so request 3 runs vit again:
     # that launch fails. Request 4 encodes the image and fails in its prefill. Request 5 answers.
     # Request 6 (streamed) hangs in its 2nd decode, and the server is killed there.
-    plans = {"FAIL_LAUNCH": f"block_cache_1:{n + 2},vit:2,block_0:3", "HANG_LAUNCH": f"block_cache_1:{2 * n + 4}"}
+    plans = {"FAIL_LAUNCH": f"block_cache_1:{n + 2},vit:2,embedding:3", "HANG_LAUNCH": f"block_cache_1:{2 * n + 4}"}
     for k, v in fault_env(fail_launch, **plans).items():
         monkeypatch.setenv(k, v)
     with running_server(tmp_path, "--backend", "bmodel", "-m", str(model)) as server:
@@ -241,7 +242,7 @@ def test_server_survives_a_failed_launch_kill_9_and_a_hang_up(tiny_bmodel, fail_
         message = str(streamed_error.value)
         assert "net 'block_cache_1'" in message and "(decode)" in message and "retry" in message, message
 
-        for net, doing in [("vit", "encoding the image"), ("block_0", "(prefill)")]:
+        for net, doing in [("vit", "encoding the image"), ("embedding", "(prefill)")]:
             with pytest.raises(openai.APIStatusError) as whole_error:
                 client.chat.completions.create(model=server.model, **ask)
             assert whole_error.value.status_code == 503

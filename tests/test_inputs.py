@@ -13,7 +13,6 @@ from mllama_tpu.inputs import (
     MASK_VISIBLE,
     PromptTooLong,
     assistant_message,
-    causal_mask,
     decode_self_mask,
     image_inputs_from,
     load_processor,
@@ -81,6 +80,11 @@ def assert_same_visibility(ours: np.ndarray, theirs: np.ndarray) -> None:
     np.testing.assert_array_equal(ours == MASK_VISIBLE, theirs == 0)
 
 
+def whole(p):
+    """The whole prompt as one chunk of SEQ rows against an empty cache."""
+    return p.chunk(0, p.num_tokens, SEQ)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("convo", sorted(conversations()))
 def test_cross_masks_match_transformers(processor, dims, layout, convo):
@@ -89,24 +93,30 @@ def test_cross_masks_match_transformers(processor, dims, layout, convo):
     ids, cam = f["input_ids"][0], f["cross_attention_mask"]
     n = len(ids)
     p = prefill_inputs(ids, SEQ, pad_token_id(processor), cam, dims["num_patches"], dims["max_tiles"])
+    c = whole(p)
     theirs_mask, theirs_rows = transformers_masks(cam, dims["num_patches"])
 
     T, P = dims["max_tiles"], dims["num_patches"]
-    assert p.cross_attention_mask.shape == (1, 1, SEQ, T * P)
-    assert p.cross_attention_mask.dtype == np.float32
-    assert p.text_row_mask.shape == (1, SEQ, 1)
-    assert_same_visibility(p.cross_attention_mask[0, 0, :n], theirs_mask[0, 0])
-    np.testing.assert_array_equal(p.text_row_mask[0, :n, 0], theirs_rows[0, 0, :, 0])
+    assert c.cross_attention_mask.shape == (1, 1, SEQ, T * P)
+    assert c.cross_attention_mask.dtype == np.float32
+    assert c.text_row_mask.shape == (1, SEQ, 1)
+    assert_same_visibility(c.cross_attention_mask[0, 0, :n], theirs_mask[0, 0])
+    np.testing.assert_array_equal(c.text_row_mask[0, :n, 0], theirs_rows[0, 0, :, 0])
     # Pad rows are out of the picture: zeroed like rows before the image.
-    assert (p.text_row_mask[0, n:] == 0).all()
+    assert (c.text_row_mask[0, n:] == 0).all()
+    # Any chunk's rows are the same rows.
+    for part in p.chunks(0, (16, 64)):
+        lo, hi = part.offset, part.offset + part.rows
+        np.testing.assert_array_equal(part.cross_attention_mask[0, 0, :part.rows], c.cross_attention_mask[0, 0, lo:hi])
+        np.testing.assert_array_equal(part.text_row_mask[0, :part.rows], c.text_row_mask[0, lo:hi])
 
     # Tiles beyond the image's real tiles are hidden in every row that sees the image.
     real = int(f["aspect_ratio_mask"].sum())
     assert real == layout[0] * layout[1]
-    seeing = p.text_row_mask[0, :, 0] == 1
+    seeing = c.text_row_mask[0, :, 0] == 1
     assert seeing.any()
-    assert (p.cross_attention_mask[0, 0, seeing, real * P :] == MASK_HIDDEN).all()
-    assert (p.cross_attention_mask[0, 0, seeing, : real * P] == MASK_VISIBLE).all()
+    assert (c.cross_attention_mask[0, 0, seeing, real * P :] == MASK_HIDDEN).all()
+    assert (c.cross_attention_mask[0, 0, seeing, : real * P] == MASK_VISIBLE).all()
 
     # Decode: generate() appends a copy of the last row for every new token.
     ext = np.concatenate([cam, cam[:, -1:]], axis=1)
@@ -122,7 +132,7 @@ def test_image_token_position_drives_the_mask(processor, dims):
     at = int(np.flatnonzero(ids == processor.image_token_id)[0])
     assert at > 10  # really in the second user turn
     p = prefill_inputs(ids, SEQ, pad_token_id(processor), f["cross_attention_mask"], dims["num_patches"], dims["max_tiles"])
-    rows = p.text_row_mask[0, :, 0]
+    rows = whole(p).text_row_mask[0, :, 0]
     assert (rows[:at] == 0).all() and (rows[at : len(ids)] == 1).all()
 
 
@@ -131,7 +141,8 @@ def test_text_only_prompt_has_no_image_inputs(processor):
     assert "pixel_values" not in f and "cross_attention_mask" not in f
     p = prefill_inputs(f["input_ids"][0], SEQ, pad_token_id(processor), f.get("cross_attention_mask"))
     assert not p.has_image
-    assert p.cross_attention_mask is None and p.text_row_mask is None and p.decode_cross_attention_mask is None
+    assert p.tile_rows is None and p.decode_cross_attention_mask is None
+    assert whole(p).cross_attention_mask is None and whole(p).text_row_mask is None
 
 
 def test_ids_positions_and_causal_mask(processor):
@@ -139,14 +150,18 @@ def test_ids_positions_and_causal_mask(processor):
     ids = f["input_ids"][0]
     n = len(ids)
     p = prefill_inputs(ids, SEQ, pad_token_id(processor))
-    assert p.input_ids.dtype == np.int32 and p.input_ids.shape == (1, SEQ)
     assert p.token_ids == ids.tolist() and p.num_tokens == n
-    assert (p.input_ids[0, n:] == processor.tokenizer.pad_token_id).all()
-    np.testing.assert_array_equal(p.position_ids[0], np.arange(SEQ))
-    m = p.attention_mask[0, 0]
+    c = whole(p)
+    assert c.input_ids.dtype == np.int32 and c.input_ids.shape == (1, SEQ)
+    assert (c.input_ids[0, n:] == processor.tokenizer.pad_token_id).all()
+    np.testing.assert_array_equal(c.position_ids[0, :n], np.arange(n))
+    assert (c.position_ids[0, n:] == n - 1).all()  # pad rows repeat the last position
+    m = c.attention_mask[0, 0]
+    assert (m[:, :SEQ] == MASK_HIDDEN).all()  # an empty cache
+    m = m[:, SEQ:]
     for i in range(n):  # real rows: exactly the real tokens up to themselves
         np.testing.assert_array_equal(m[i] == 0, (np.arange(SEQ) <= i))
-    assert (m[n:, :n] == 0).all() and (m[:, n:][: n] == MASK_HIDDEN).all()
+    assert (m[n:, :n] == 0).all() and (m[:, n:] == MASK_HIDDEN).all()
     # The first token's own KV is visible to it: the chat template starts with BOS.
     assert ids[0] == processor.tokenizer.bos_token_id
 
@@ -155,7 +170,6 @@ def test_decode_self_mask():
     m = decode_self_mask(5, 8)
     assert m.shape == (1, 1, 1, 9)
     np.testing.assert_array_equal(m[0, 0, 0] == 0, [1, 1, 1, 1, 1, 0, 0, 0, 1])
-    assert causal_mask(3, 4).shape == (1, 1, 4, 4)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -12,9 +12,9 @@ from mllama_tpu.errors import UserError
 from mllama_tpu.manifest import token_facts
 from mllama_tpu.sampling import SamplingParams
 from mllama_tpu.generate import STOP_EOS, STOP_SEQLEN
-from mllama_tpu.inputs import prefill_inputs, process
+from mllama_tpu.inputs import prefill_inputs, process, prompt_features
 from mllama_tpu.tiny.task import LAYOUTS
-from tests.parity_cases import engine_generate, hf_generate, make_cases
+from tests.parity_cases import conversations, engine_generate, hf_generate, make_cases, run_conversation
 
 MAX_NEW_TOKENS = 20
 SEED = 2024
@@ -56,6 +56,22 @@ def test_greedy_matches_transformers(engine, processor, hf_model, case):
     got = engine_generate(engine, processor, case, MAX_NEW_TOKENS, eos)
     tokens = got.tokens + ([want[-1]] if got.stop_reason == STOP_EOS and want and want[-1] in eos else [])
     assert tokens == want, f"{case.name}: engine {tokens} != transformers {want}"
+
+
+CONVERSATIONS = conversations(SEED)
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=[c.name for c in CONVERSATIONS])
+def test_conversations_reuse_the_cache_and_match_transformers(engine, processor, hf_model, conversation):
+    """Each turn sends the whole conversation: the engine prefills only what its cache lacks and
+    still answers as transformers does on the whole prompt."""
+    engine.set_sampling(SamplingParams())
+    prompts = [len(prompt_features(processor, m, None)["input_ids"][0]) for m, _ in conversation.turns]
+    reused = run_conversation(engine, processor, hf_model, conversation, MAX_NEW_TOKENS)
+    if conversation.name == "image_changes":
+        assert reused[1] == 0 and prompts[1] > max(engine.prefill_lengths)  # another image: all of it, in chunks
+    else:
+        assert all(r >= p for r, p in zip(reused[1:], prompts))  # at least the previous prompt was kept
 
 
 def test_toy_task_answers_are_correct(engine, processor, hf_model):

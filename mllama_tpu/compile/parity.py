@@ -14,11 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mllama_tpu.contract import MASK_HIDDEN
-
-
-def _mask_causal(s: int) -> np.ndarray:
-    m = np.triu(np.full((s, s), MASK_HIDDEN, np.float32), k=1)
-    return m.reshape(1, 1, s, s)
+from mllama_tpu.inputs import chunk_self_mask
 
 
 def make_inputs(net: str, spec: dict, manifest: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -31,17 +27,15 @@ def make_inputs(net: str, spec: dict, manifest: dict, rng: np.random.Generator) 
         if name == "input_ids" or name == "recent_ids":
             v = rng.integers(0, vocab, shape)
         elif name == "position_ids":
-            v = np.arange(int(np.prod(shape))).reshape(shape) if shape[-1] > 1 else np.full(shape, 37)
+            v = np.arange(int(np.prod(shape))).reshape(shape) + min(40, manifest["seq_length"] - shape[-1])
         elif name == "aspect_ratio_ids":
             v = np.full(shape, 6)  # 2x2 tiles
         elif name == "aspect_ratio_mask":
             v = np.ones(shape)
         elif name == "attention_mask":
-            if net.startswith("block_cache_") and "history_k" in [i["name"] for i in spec["inputs"]]:
-                v = np.zeros(shape)
-                v[..., 40:-1] = MASK_HIDDEN  # 40 cached tokens + the new one
-            elif net.startswith("block_") and shape[-1] == shape[-2]:
-                v = _mask_causal(shape[-1])
+            if "history_k" in [i["name"] for i in spec["inputs"]]:  # a self step of C rows
+                rows, seq = shape[-2], manifest["seq_length"]
+                v = chunk_self_mask(min(40, seq - rows), rows, rows, seq)  # 40 cached tokens + the step's
             else:  # cross attention: the first two tiles visible
                 v = np.full(shape, MASK_HIDDEN)
                 v[..., : shape[-1] // 2] = 0.0
@@ -115,24 +109,18 @@ def check_nets(onnx_dir: Path, bmodel: Path, nets: list[str] | None = None, seed
 
 
 def text_hidden_states(onnx_dir: Path, prompts: list[list[int]]) -> np.ndarray:
-    """Last-token hidden state of text-only prompts, through the ONNX embedding and self blocks.
+    """Last-token hidden state of text-only prompts through the ONNX nets (the reference engine
+    up to lm_head): text-only prompts skip the cross-attention layers, as transformers does.
+    Returns [len(prompts), H] float32."""
+    from mllama_tpu.engines.onnx import OnnxEngine
+    from mllama_tpu.inputs import prefill_inputs
 
-    Text-only prompts skip the cross-attention layers (as transformers does), so only the
-    embedding and the self-attention blocks run. Returns [len(prompts), H] float32.
-    """
-    manifest = load_manifest(onnx_dir)
-    seq = manifest["seq_length"]
+    engine = OnnxEngine(onnx_dir)
     rows = []
     for ids in prompts:
-        n = len(ids)
-        padded = np.zeros((1, seq), np.int32)
-        padded[0, :n] = ids
-        (x,) = onnx_outputs(onnx_dir, "embedding", {"input_ids": padded})
-        pos = np.arange(seq, dtype=np.int32).reshape(1, seq)
-        mask = _mask_causal(seq)
-        for i, kind in enumerate(manifest["layers"]):
-            if kind == "self":
-                x = onnx_outputs(onnx_dir, f"block_{i}", {"input_states": x, "position_ids": pos,
-                                                           "attention_mask": mask})[0]
-        rows.append(x[0, n - 1])
+        p = prefill_inputs(ids, engine.seq_length, 0)
+        for chunk in p.chunks(0, engine.prefill_lengths):
+            h = engine.run_chunk(chunk)
+        rows.append(h[0, chunk.rows - 1])
+    engine.close()
     return np.stack(rows).astype(np.float32)

@@ -112,7 +112,7 @@ def load_export(onnx_dir: str | Path, seq_length: int, verify: bool = True) -> E
     layers = manifest["layers"]
     table = manifest["pieces"]
     pieces = []
-    for net in contract.combine_order(layers):
+    for net in contract.combine_order(layers, manifest["prefill_lengths"]):
         entry = table[net]
         where = f"{mpath} [{net}]"
         try:

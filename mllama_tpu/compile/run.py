@@ -2,6 +2,7 @@
 
   ./compile/run_compile.sh --model_name llama3.2-11b --seq_length 512 [--model_path DIR] [--mode int4]
                            [--tpu_mlir_path DIR] [--out DIR] [--onnx_dir DIR] [--jobs N] [--group_size 64]
+                           [--prefill_lengths 32,128,512]
 
 Without --model_path the checkpoint is downloaded with ModelScope's own client (as the original
 project did); with --tpu_mlir_path a TPU-MLIR source build is used (its envsetup.sh is sourced),
@@ -15,6 +16,7 @@ from pathlib import Path
 from mllama_tpu.compile import policy
 from mllama_tpu.compile.cli import ENV_HELP, _sigterm_as_interrupt, add_compile_args, run_guarded
 from mllama_tpu.errors import ArgumentParser, UserError, cli_main
+from mllama_tpu.export.flags import add_prefill_lengths, parse_prefill_lengths
 
 # ModelScope ids of the instruct checkpoints, by the names the original project used.
 MODELSCOPE_IDS = {
@@ -31,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--onnx_dir", default="tmp/onnx", help="export dir (default tmp/onnx)")
     ap.add_argument("--out", default=".", help="output dir of the bmodel (default .)")
     add_compile_args(ap)
+    add_prefill_lengths(ap)
     return ap
 
 
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     policy.check_chip(args.chip)
     policy.check_group_size(args.group_size)
     policy.lm_head_precision(args.mode, args.lm_head)
+    lengths = parse_prefill_lengths(args.prefill_lengths)
     _sigterm_as_interrupt()
     model_path = Path(args.model_path) if args.model_path else download(args.model_name, Path("."))
 
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from mllama_tpu.export import export_model
 
     find_toolchain(args.tpu_mlir_path)  # fail now, not after an hour of export
-    manifest = export_model(model_path, args.onnx_dir, args.seq_length)
+    manifest = export_model(model_path, args.onnx_dir, args.seq_length, prefill_lengths=lengths)
 
     def go() -> None:
         out = compile_model(manifest.parent, args.mode, args.model_name, args.seq_length, args.out,

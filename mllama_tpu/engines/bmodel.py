@@ -16,8 +16,8 @@ from types import ModuleType
 
 from mllama_tpu import REPO_ROOT, contract
 from mllama_tpu.bmodel_file import check_bmodel
-from mllama_tpu.engines.base import Engine
-from mllama_tpu.inputs import ImageInputs, PrefillInputs
+from mllama_tpu.engines.base import Engine, Finish
+from mllama_tpu.inputs import ChunkInputs, ImageInputs
 from mllama_tpu.sampling import SampleHeadInputs
 
 # Where scripts/build_engine.sh puts the module; MLLAMA_ENGINE_DIR points elsewhere (an install).
@@ -63,21 +63,17 @@ class BmodelEngine(Engine):
         self.cross_layers = list(e.cross_layers)
         self.sample_k = e.SAMPLE_K
         self.recent_window = e.RECENT_IDS
+        self.prefill_lengths = tuple(e.PREFILL_LENGTHS)
 
-    def encode_image(self, image: ImageInputs) -> None:
-        if image.pixel_values.shape[0] != self.max_tiles:
-            raise ValueError(f"image has {image.pixel_values.shape[0]} tile slots, the model takes {self.max_tiles}")
+    def _encode_image(self, image: ImageInputs) -> None:
         self._e.encode_image(image.pixel_values, image.aspect_ratio_ids, image.aspect_ratio_mask)
-
-    def clear_image(self) -> None:
-        self._e.clear_image()
 
     @property
     def position(self) -> int:
         return self._e.position
 
-    def _prefill(self, p: PrefillInputs, head: SampleHeadInputs | None):
-        return self._e.prefill(p, head)
+    def _prefill_chunk(self, chunk: ChunkInputs, finish: Finish | None):
+        return self._e.prefill_chunk(chunk, finish)
 
     def _decode(self, token: int, head: SampleHeadInputs | None):
         return self._e.decode(token, head)
@@ -88,7 +84,7 @@ class BmodelEngine(Engine):
 
     @property
     def timings_ms(self) -> dict[str, float]:
-        """Device time of the last vit / prefill / decode call (ms), measured in C++."""
+        """Device time of the last vit (+ cross K/V) / prefill chunk / decode call (ms), measured in C++."""
         return {"vit": self._e.last_vit_ms, "prefill": self._e.last_prefill_ms, "decode": self._e.last_decode_ms}
 
     def net_io(self, name: str) -> dict:

@@ -14,9 +14,9 @@ import numpy as np
 
 from mllama_tpu import contract
 from mllama_tpu.config import ModelDims
-from mllama_tpu.engines.base import Engine
+from mllama_tpu.engines.base import Engine, Finish
 from mllama_tpu.errors import UserError
-from mllama_tpu.inputs import ImageInputs, PrefillInputs, decode_self_mask
+from mllama_tpu.inputs import ChunkInputs, ImageInputs, decode_self_mask
 from mllama_tpu.manifest import read_manifest
 from mllama_tpu.sampling import SampleHeadInputs
 
@@ -25,7 +25,7 @@ _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 
 class OnnxEngine(Engine):
-    """Runs the contract's nets (vit, embeddings, block_i / block_cache_i, lm_head, heads) with onnxruntime."""
+    """Runs the contract's nets (vit, cross_kv_i, embeddings, step blocks, lm_head, heads) with onnxruntime."""
 
     def __init__(self, export_dir: str | Path, threads: int | None = None):
         super().__init__()
@@ -45,9 +45,14 @@ class OnnxEngine(Engine):
                 raise UserError(
                     f"{self.export_dir / piece['file']} is missing (net {name}): the export is incomplete, re-run it"
                 )
+        self.prefill_lengths = tuple(self.manifest["prefill_lengths"])
+        self._embedding_rows = self.prefill_lengths[-1]
         self._sessions: dict[str, Any] = {}
-        self.clear_image()
-        self._kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        kv, d = self.dims.num_key_value_heads, self.dims.head_dim
+        self._kv = {i: (np.zeros((1, self.seq_length, kv, d), np.float32), np.zeros((1, self.seq_length, kv, d), np.float32))
+                    for i, kind in enumerate(self.layers) if kind == "self"}
+        self._cross_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._decode_cross: tuple[np.ndarray, np.ndarray] | None = None
         self._position = 0
 
     # -- onnxruntime -----------------------------------------------------------------------------
@@ -77,18 +82,11 @@ class OnnxEngine(Engine):
 
     # -- image -----------------------------------------------------------------------------------
 
-    def encode_image(self, image: ImageInputs) -> None:
-        pv = image.pixel_values
-        if pv.shape[0] != self.max_tiles:
-            raise ValueError(f"image has {pv.shape[0]} tile slots, the model takes {self.max_tiles}")
-        (states,) = self.run("vit", pixel_values=pv, aspect_ratio_ids=image.aspect_ratio_ids,
+    def _encode_image(self, image: ImageInputs) -> None:
+        (states,) = self.run("vit", pixel_values=image.pixel_values, aspect_ratio_ids=image.aspect_ratio_ids,
                              aspect_ratio_mask=image.aspect_ratio_mask)
-        self._cross_states = states
-
-    def clear_image(self) -> None:
-        self._cross_states: np.ndarray | None = None
-        self._cross_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._decode_cross: tuple[np.ndarray, np.ndarray] | None = None
+        self._cross_kv = {i: tuple(self.run(contract.cross_kv_block(i), cross_attention_states=states))
+                          for i, kind in enumerate(self.layers) if kind == "cross"}
 
     # -- prefill / decode ------------------------------------------------------------------------
 
@@ -96,46 +94,53 @@ class OnnxEngine(Engine):
     def position(self) -> int:
         return self._position
 
-    def _prefill(self, p: PrefillInputs, head: SampleHeadInputs | None):
-        if p.has_image and self._cross_states is None:
-            raise RuntimeError("an image prompt needs encode_image() first")
-        self._kv, self._cross_kv, self._decode_cross = {}, {}, None
-        (h,) = self.run("embedding", input_ids=p.input_ids)
-        for i, kind in enumerate(self.layers):
-            if kind == "self":
-                h, k, v = self.run(contract.prefill_block(i), input_states=h, position_ids=p.position_ids,
-                                   attention_mask=p.attention_mask)
-                self._kv[i] = (k.copy(), v.copy())
-            elif p.has_image:
-                h, ck, cv = self.run(contract.prefill_block(i), input_states=h,
-                                     cross_attention_states=self._cross_states, text_row_mask=p.text_row_mask,
-                                     attention_mask=p.cross_attention_mask)
-                self._cross_kv[i] = (ck, cv)
-            # A text-only prompt skips the cross-attention layers, as transformers does.
-        if p.has_image:
-            self._decode_cross = (p.decode_cross_attention_mask, p.decode_text_row_mask)
-        self._position = p.num_tokens
-        return self._head(h[:, p.num_tokens - 1, :], head)
+    def run_chunk(self, chunk: ChunkInputs) -> np.ndarray:
+        """A chunk's embedding and layers (its K/V cached): hidden states [1,C,H] before lm_head."""
+        # The embedding net takes the largest chunk's ids; a shorter chunk uses its first rows.
+        ids = np.full((1, self._embedding_rows), chunk.input_ids[0, -1], dtype=np.int32)
+        ids[0, :chunk.size] = chunk.input_ids[0]
+        (h,) = self.run("embedding", input_ids=ids)
+        h = self._layers(h[:, :chunk.size], chunk)
+        self._position = chunk.offset + chunk.rows
+        return h
+
+    def _prefill_chunk(self, chunk: ChunkInputs, finish: Finish | None):
+        h = self.run_chunk(chunk)
+        if finish is None:
+            return None
+        self._decode_cross = None
+        if chunk.has_image:
+            self._decode_cross = (finish.decode_cross_attention_mask, finish.decode_text_row_mask)
+        return self._head(h[:, chunk.rows - 1, :], finish.head)
 
     def _decode(self, token: int, head: SampleHeadInputs | None):
         pos = self._position
         (h,) = self.run("embedding_cache", input_ids=np.array([[token]], dtype=np.int32))
-        mask = decode_self_mask(pos, self.seq_length)
-        position_ids = np.array([[pos]], dtype=np.int32)
-        for i, kind in enumerate(self.layers):
-            if kind == "self":
-                hist_k, hist_v = self._kv[i]
-                h, k, v = self.run(contract.decode_block(i), input_states=h, position_ids=position_ids,
-                                   attention_mask=mask, history_k=hist_k, history_v=hist_v)
-                hist_k[:, pos] = k[:, 0]
-                hist_v[:, pos] = v[:, 0]
-            elif self._decode_cross is not None:
-                cross_mask, row_mask = self._decode_cross
-                ck, cv = self._cross_kv[i]
-                (h,) = self.run(contract.decode_block(i), input_states=h, text_row_mask=row_mask,
-                                attention_mask=cross_mask, cross_k=ck, cross_v=cv)
+        step = ChunkInputs(pos, 1, np.array([[token]], np.int32), np.array([[pos]], np.int32),
+                           decode_self_mask(pos, self.seq_length))
+        if self._decode_cross is not None:
+            step.cross_attention_mask, step.text_row_mask = self._decode_cross
+        h = self._layers(h, step)
         self._position = pos + 1
         return self._head(h[:, 0, :], head)
+
+    def _layers(self, h: np.ndarray, step: ChunkInputs) -> np.ndarray:
+        """Every layer's step net once over `step`'s tokens; their K/V become cache slots
+        offset..offset+rows-1. A text-only step skips the cross-attention layers, as transformers."""
+        lo, hi = step.offset, step.offset + step.rows
+        for i, kind in enumerate(self.layers):
+            net = contract.step_block(i, step.size)
+            if kind == "self":
+                hist_k, hist_v = self._kv[i]
+                h, k, v = self.run(net, input_states=h, position_ids=step.position_ids,
+                                   attention_mask=step.attention_mask, history_k=hist_k, history_v=hist_v)
+                hist_k[:, lo:hi] = k[:, :step.rows]
+                hist_v[:, lo:hi] = v[:, :step.rows]
+            elif step.has_image:
+                ck, cv = self._cross_kv[i]
+                (h,) = self.run(net, input_states=h, text_row_mask=step.text_row_mask,
+                                attention_mask=step.cross_attention_mask, cross_k=ck, cross_v=cv)
+        return h
 
     # -- token heads -----------------------------------------------------------------------------
 

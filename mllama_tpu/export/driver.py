@@ -2,8 +2,8 @@
 
 Resumable: the manifest records each finished piece with its checksums as soon as it is
 written; a later run keeps every piece whose files still match, and redoes the rest. The
-manifest also records a fingerprint of the source (config, weight files, seq_length and
-this package's export code); when it changes, nothing old is trusted.
+manifest also records a fingerprint of the source (config, weight files, seq_length,
+prefill lengths and this package's export code); when it changes, nothing old is trusted.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tqdm import tqdm
 from mllama_tpu.config import ModelDims
 from mllama_tpu.errors import UserError
 from mllama_tpu.export.onnx_io import export_piece, sha256_file
+from mllama_tpu import contract
 from mllama_tpu.contract import RECENT_IDS
 from mllama_tpu.export.pieces import build_piece, piece_names, top_k
 from mllama_tpu.manifest import MANIFEST_FORMAT, MANIFEST_NAME
@@ -35,11 +36,17 @@ _CODE_FILES = [Path(__file__).parent / n for n in
 
 
 def export_model(model_dir: str | Path, out_dir: str | Path, seq_length: int, device: str = "cpu",
-                 only: Iterable[str] | None = None, progress: bool = True) -> Path:
-    """Export every piece (or those in `only`) and return the path of manifest.json."""
+                 only: Iterable[str] | None = None, progress: bool = True,
+                 prefill_lengths: Iterable[int] | None = None) -> Path:
+    """Export every piece (or those in `only`) and return the path of manifest.json.
+    prefill_lengths: the chunk lengths of the step nets (contract.DEFAULT_PREFILL_LENGTHS)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     dims = ModelDims.from_model_dir(model_dir)
     seq_length = _check_seq(seq_length, dims)
+    try:
+        chunks = contract.prefill_lengths(prefill_lengths, seq_length)
+    except ValueError as e:
+        raise UserError(f"{e}; pass e.g. --prefill_lengths 32,128,512") from None
     device = _check_device(device)
     weights = CheckpointWeights(model_dir, dims.tie_word_embeddings)
     pieces_dir = _writable(out_dir) / "pieces"
@@ -48,20 +55,20 @@ def export_model(model_dir: str | Path, out_dir: str | Path, seq_length: int, de
         shutil.rmtree(stale, ignore_errors=True)
 
     manifest_path = out_dir / MANIFEST_NAME
-    fingerprint = _fingerprint(model_dir, seq_length)
+    fingerprint = _fingerprint(model_dir, seq_length, chunks)
     manifest = _load_manifest(manifest_path)
     if manifest.get("fingerprint") != fingerprint:
         manifest = {}  # other model, seq or export code: start over
-    manifest.update(_header(dims, seq_length, fingerprint))
+    manifest.update(_header(dims, seq_length, chunks, fingerprint))
     manifest.setdefault("pieces", {})
-    names = list(only) if only is not None else piece_names(dims)
+    names = list(only) if only is not None else piece_names(dims, chunks)
     bar = tqdm(names, desc="export", unit="piece", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
         if _is_done(out_dir, manifest["pieces"].get(name)):
             continue
         manifest["pieces"].pop(name, None)
-        piece = build_piece(name, weights, dims, seq_length)
+        piece = build_piece(name, weights, dims, seq_length, chunks)
         info = export_piece(piece, pieces_dir, device)
         del piece
         gc.collect()  # the piece's weights go before the next piece is read
@@ -105,21 +112,21 @@ def _writable(out_dir: Path) -> Path:
     return out_dir
 
 
-def _fingerprint(model_dir: Path, seq_length: int) -> dict[str, Any]:
+def _fingerprint(model_dir: Path, seq_length: int, chunks: tuple[int, ...]) -> dict[str, Any]:
     code = hashlib.sha256()
     for f in _CODE_FILES:
         code.update(f.read_bytes())
     files = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
-    return {"seq_length": seq_length, "export_code": code.hexdigest()[:16],
+    return {"seq_length": seq_length, "prefill_lengths": list(chunks), "export_code": code.hexdigest()[:16],
             "config_sha256": sha256_file(model_dir / "config.json"),
             # Size alone missed retrained weights of the same shapes; size + mtime catches a
             # replaced file without hashing tens of GB on every run.
             "weights": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.suffix == ".safetensors"}}
 
 
-def _header(dims: ModelDims, seq_length: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def _header(dims: ModelDims, seq_length: int, chunks: tuple[int, ...], fingerprint: dict[str, Any]) -> dict[str, Any]:
     d = dims.to_dict() | {"padded_patches": dims.padded_patches}
-    return {"format": MANIFEST_FORMAT, "seq_length": seq_length, "dims": d, "layers": dims.layer_kinds,
+    return {"format": MANIFEST_FORMAT, "seq_length": seq_length, "prefill_lengths": list(chunks), "dims": d, "layers": dims.layer_kinds,
             "dtype": "float32", "image_token_id": dims.image_token_id, "eos_token_ids": dims.eos_token_ids,
             "sampling": {"top_k": top_k(dims), "recent_ids": RECENT_IDS}, "fingerprint": fingerprint}
 

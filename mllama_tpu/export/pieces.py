@@ -15,7 +15,7 @@ from mllama_tpu import contract
 from mllama_tpu.config import ModelDims
 from mllama_tpu.export.heads import GreedyHead, PenaltySampleHead
 from mllama_tpu.export.rope import rotary_tables
-from mllama_tpu.export.text import CrossAttentionBlock, Embedding, LmHead, SelfAttentionBlock
+from mllama_tpu.export.text import CrossAttentionBlock, CrossKV, Embedding, LmHead, SelfAttentionBlock
 from mllama_tpu.export.vision import VisionEncoder
 from mllama_tpu.weights import CheckpointWeights
 
@@ -39,13 +39,14 @@ def top_k(dims: ModelDims) -> int:
     return min(contract.SAMPLE_TOP_K, dims.vocab_size)
 
 
-def piece_names(dims: ModelDims) -> list[str]:
-    return contract.net_names(dims.layer_kinds)
+def piece_names(dims: ModelDims, chunks: tuple[int, ...]) -> list[str]:
+    return contract.net_names(dims.layer_kinds, chunks)
 
 
-def build_piece(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int) -> Piece:
-    """The piece `name`, its example inputs and outputs named and ordered as the contract says."""
-    piece = _build(name, weights, dims, seq)
+def build_piece(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int, chunks: tuple[int, ...]) -> Piece:
+    """The piece `name`, its example inputs and outputs named and ordered as the contract says.
+    chunks: the prefill lengths (the embedding takes the largest chunk's ids)."""
+    piece = _build(name, weights, dims, seq, max(chunks))
     ins, outs = contract.net_io(name, dims.layer_kinds)
     if tuple(piece.inputs) != ins or tuple(piece.outputs) != outs:
         raise AssertionError(f"piece {name} has I/O {list(piece.inputs)} -> {piece.outputs}, "
@@ -53,13 +54,13 @@ def build_piece(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int
     return piece
 
 
-def _build(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int) -> Piece:
+def _build(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int, max_chunk: int) -> Piece:
     i32 = torch.int32
     h, kv, d = dims.hidden_size, dims.num_key_value_heads, dims.head_dim
     t, p, s = dims.max_num_tiles, dims.num_patches, dims.tile_size
     zeros = torch.zeros
     if name in ("embedding", "embedding_cache"):
-        n = seq if name == "embedding" else 1
+        n = max_chunk if name == "embedding" else 1
         return Piece(name, Embedding(weights.get("text.embed_tokens.weight")),
                      {"input_ids": zeros(1, n, dtype=i32)}, ["hidden_states"])
     if name == "lm_head":
@@ -81,26 +82,20 @@ def _build(name: str, weights: CheckpointWeights, dims: ModelDims, seq: int) -> 
                      {"pixel_values": zeros(t, dims.num_channels, s, s), "aspect_ratio_ids": torch.ones(1, 1, dtype=i32),
                       "aspect_ratio_mask": torch.ones(1, t, dtype=i32)},
                      ["cross_attention_states"])
-    cache = name.startswith("block_cache_")
-    if not (cache or name.startswith("block_")):
+    where = contract.layer_of(name)
+    if where is None:
         raise ValueError(f"unknown piece {name!r}")
-    layer = int(name.rsplit("_", 1)[1])
-    w = weights.group(f"text.layers.{layer}.", is_projection)
-    if dims.layer_kinds[layer] == "self":
+    w = weights.group(f"text.layers.{where.layer}.", is_projection)
+    if where.rows is None:
+        return Piece(name, CrossKV(w, dims), {"cross_attention_states": zeros(t, p, h)}, ["cross_k", "cross_v"])
+    n = where.rows
+    if dims.layer_kinds[where.layer] == "self":
         cos, sin = rotary_tables(dims, seq + 1)  # positions 0..seq (one spare row)
-        module = SelfAttentionBlock(w, dims, cos, sin, cache)
-        n = 1 if cache else seq
         inputs = {"input_states": zeros(1, n, h), "position_ids": torch.arange(n, dtype=i32).view(1, n),
-                  "attention_mask": zeros(1, 1, n, seq + 1 if cache else seq)}
-        if cache:
-            inputs |= {"history_k": zeros(1, seq, kv, d), "history_v": zeros(1, seq, kv, d)}
-        return Piece(name, module, inputs, ["hidden_states", "present_k", "present_v"])
-    module = CrossAttentionBlock(w, dims, cache)
-    if cache:
-        inputs = {"input_states": zeros(1, 1, h), "text_row_mask": torch.ones(1, 1, 1),
-                  "attention_mask": zeros(1, 1, 1, t * p), "cross_k": zeros(1, kv, t * p, d),
-                  "cross_v": zeros(1, kv, t * p, d)}  # head-major: see CrossAttentionBlock
-        return Piece(name, module, inputs, ["hidden_states"])
-    inputs = {"input_states": zeros(1, seq, h), "cross_attention_states": zeros(t, p, h),
-              "text_row_mask": torch.ones(1, seq, 1), "attention_mask": zeros(1, 1, seq, t * p)}
-    return Piece(name, module, inputs, ["hidden_states", "cross_k", "cross_v"])
+                  "attention_mask": zeros(1, 1, n, seq + n), "history_k": zeros(1, seq, kv, d),
+                  "history_v": zeros(1, seq, kv, d)}
+        return Piece(name, SelfAttentionBlock(w, dims, cos, sin), inputs, ["hidden_states", "present_k", "present_v"])
+    inputs = {"input_states": zeros(1, n, h), "text_row_mask": torch.ones(1, n, 1),
+              "attention_mask": zeros(1, 1, n, t * p), "cross_k": zeros(1, kv, t * p, d),
+              "cross_v": zeros(1, kv, t * p, d)}  # head-major: see CrossKV
+    return Piece(name, CrossAttentionBlock(w, dims), inputs, ["hidden_states"])

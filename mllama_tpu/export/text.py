@@ -8,8 +8,6 @@ module pops what it takes, so no second reference keeps a converted tensor alive
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,6 +88,21 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.reshape(1, 1, nh * d)
 
 
+def attend_head_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [1,Sq,NH,D] against head-major k/v [1,KV,Sk,D] (the cross cache), mask [1,1,Sq,Sk]."""
+    _, sq, nh, d = q.shape
+    if sq == 1:
+        return attend_one_query(q, k, v, mask)
+    kv, sk = k.shape[1], k.shape[2]
+    rep = nh // kv
+    qg = q.transpose(1, 2).reshape(1, kv, rep * sq, d)  # head h = kv head h // rep, row r
+    scores = torch.matmul(qg, k.transpose(2, 3)) * (d ** -0.5)  # [1,KV,rep*Sq,Sk]
+    scores = scores.reshape(1, kv, rep, sq, sk) + mask.reshape(1, 1, 1, sq, sk)
+    probs = torch.softmax(scores, dim=-1).reshape(1, kv, rep * sq, sk)
+    out = torch.matmul(probs, v).reshape(1, nh, sq, d)
+    return out.transpose(1, 2).reshape(1, sq, nh * d)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -97,13 +110,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class SelfAttentionBlock(nn.Module):
-    """One self-attention decoder layer. `cache=False`: prefill over SEQ tokens, returns their
-    K/V; `cache=True`: one new token against SEQ history slots, returns only the new K/V."""
+    """One self-attention decoder layer over C new tokens against SEQ cache slots (a prefill
+    chunk, or C = 1 a decode step); returns the new tokens' K/V only."""
 
-    def __init__(self, w: dict[str, torch.Tensor], dims: ModelDims, cos: torch.Tensor, sin: torch.Tensor,
-                 cache: bool) -> None:
+    def __init__(self, w: dict[str, torch.Tensor], dims: ModelDims, cos: torch.Tensor, sin: torch.Tensor) -> None:
         super().__init__()
-        self.dims, self.cache = dims, cache
+        self.dims = dims
         self.input_layernorm = RMSNorm(w.pop("input_layernorm.weight"), dims.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(w.pop("post_attention_layernorm.weight"), dims.rms_norm_eps)
         self.q_proj = Linear(w.pop("self_attn.q_proj.weight"))
@@ -114,7 +126,7 @@ class SelfAttentionBlock(nn.Module):
         self.cos, self.sin = _const(cos), _const(sin)
 
     def forward(self, input_states: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                history_k: torch.Tensor | None = None, history_v: torch.Tensor | None = None):
+                history_k: torch.Tensor, history_v: torch.Tensor):
         d = self.dims
         s = input_states.shape[1]
         h = self.input_layernorm(input_states)
@@ -125,67 +137,63 @@ class SelfAttentionBlock(nn.Module):
         cos = F.embedding(ids, self.cos).view(1, s, 1, d.head_dim)
         sin = F.embedding(ids, self.sin).view(1, s, 1, d.head_dim)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if self.cache:
-            all_k, all_v = torch.cat([history_k, k], dim=1), torch.cat([history_v, v], dim=1)
-        else:
-            all_k, all_v = k, v
+        all_k, all_v = torch.cat([history_k, k], dim=1), torch.cat([history_v, v], dim=1)
         x = input_states + self.o_proj(attend(q, all_k, all_v, attention_mask))
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
 
 
-class CrossAttentionBlock(nn.Module):
-    """One cross-attention decoder layer (tanh-gated attention and MLP, q/k RMS norms).
-    `cache=False`: projects the image states and returns cross K/V; `cache=True`: reads them.
+class CrossKV(nn.Module):
+    """A cross-attention layer's K/V of one image: [T,P,H] states -> head-major [1,KV,T*P,D].
 
-    Cross K/V travel head-major, [1,KV,T*P,D]: written once per image by prefill, read by every
-    decode step, so the transpose attention needs is paid once in prefill instead of per token
-    (11B: ~0.58 ms per cross layer per token, bench/README.md)."""
+    Head-major because they are written once per image and read by every prefill chunk and
+    decode step: the transpose attention needs is paid once (11B: ~0.58 ms per cross layer per
+    token otherwise, bench/README.md)."""
 
-    def __init__(self, w: dict[str, torch.Tensor], dims: ModelDims, cache: bool) -> None:
+    def __init__(self, w: dict[str, torch.Tensor], dims: ModelDims) -> None:
         super().__init__()
-        self.dims, self.cache = dims, cache
-        self.input_layernorm = RMSNorm(w.pop("input_layernorm.weight"), dims.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(w.pop("post_attention_layernorm.weight"), dims.rms_norm_eps)
-        self.q_proj = Linear(w.pop("cross_attn.q_proj.weight"))
-        self.o_proj = Linear(w.pop("cross_attn.o_proj.weight"))
-        self.q_norm = RMSNorm(w.pop("cross_attn.q_norm.weight"), dims.rms_norm_eps)
-        if not cache:
-            self.k_proj = Linear(w.pop("cross_attn.k_proj.weight"))
-            self.v_proj = Linear(w.pop("cross_attn.v_proj.weight"))
-            self.k_norm = RMSNorm(w.pop("cross_attn.k_norm.weight"), dims.rms_norm_eps)
-        self.mlp = GatedMLP(w)
-        # Gates are constants of the checkpoint: fold tanh now.
-        self.attn_gate = float(torch.tanh(w.pop("cross_attn_attn_gate").float()).item())
-        self.mlp_gate = float(torch.tanh(w.pop("cross_attn_mlp_gate").float()).item())
+        self.dims = dims
+        self.k_proj = Linear(w.pop("cross_attn.k_proj.weight"))
+        self.v_proj = Linear(w.pop("cross_attn.v_proj.weight"))
+        self.k_norm = RMSNorm(w.pop("cross_attn.k_norm.weight"), dims.rms_norm_eps)
 
-    def image_kv(self, cross_attention_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, cross_attention_states: torch.Tensor):
         d = self.dims
         # Project the [T,P,H] input as is and flatten the tiles afterwards: a Reshape of a graph
         # input feeding two MatMuls trips TPU-MLIR 1.30's op-reorder pass.
         k, v = self.k_proj(cross_attention_states), self.v_proj(cross_attention_states)  # [T,P,KV*D]
         k = self.k_norm(k.reshape(1, -1, d.num_key_value_heads, d.head_dim))
-        return k, v.reshape(1, -1, d.num_key_value_heads, d.head_dim)
+        v = v.reshape(1, -1, d.num_key_value_heads, d.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
-    def layer(self, x: torch.Tensor, attention: Callable[[torch.Tensor], torch.Tensor], text_row_mask: torch.Tensor
-              ) -> torch.Tensor:
+
+class CrossAttentionBlock(nn.Module):
+    """One cross-attention decoder layer (tanh-gated attention and MLP, q/k RMS norms) over C new
+    tokens, reading the image's K/V that CrossKV made."""
+
+    def __init__(self, w: dict[str, torch.Tensor], dims: ModelDims) -> None:
+        super().__init__()
+        self.dims = dims
+        self.input_layernorm = RMSNorm(w.pop("input_layernorm.weight"), dims.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(w.pop("post_attention_layernorm.weight"), dims.rms_norm_eps)
+        self.q_proj = Linear(w.pop("cross_attn.q_proj.weight"))
+        self.o_proj = Linear(w.pop("cross_attn.o_proj.weight"))
+        self.q_norm = RMSNorm(w.pop("cross_attn.q_norm.weight"), dims.rms_norm_eps)
+        self.mlp = GatedMLP(w)
+        # Gates are constants of the checkpoint: fold tanh now.
+        self.attn_gate = float(torch.tanh(w.pop("cross_attn_attn_gate").float()).item())
+        self.mlp_gate = float(torch.tanh(w.pop("cross_attn_mlp_gate").float()).item())
+
+    def forward(self, input_states: torch.Tensor, text_row_mask: torch.Tensor, attention_mask: torch.Tensor,
+                cross_k: torch.Tensor, cross_v: torch.Tensor) -> torch.Tensor:
         d = self.dims
+        x = input_states
         s = x.shape[1]
         q = self.q_norm(self.q_proj(self.input_layernorm(x)).view(1, s, d.num_attention_heads, d.head_dim))
-        x = x + self.attn_gate * self.o_proj(attention(q))
+        x = x + self.attn_gate * self.o_proj(attend_head_major(q, cross_k, cross_v, attention_mask))
         # Rows that see no tile keep the attention update but drop the MLP one (as transformers).
         mlp = self.mlp(self.post_attention_layernorm(x)) * text_row_mask.reshape(1, s, 1)
         return x + self.mlp_gate * mlp
-
-    def forward(self, *args: torch.Tensor):
-        if self.cache:
-            input_states, text_row_mask, attention_mask, cross_k, cross_v = args
-            return self.layer(input_states, lambda q: attend_one_query(q, cross_k, cross_v, attention_mask),
-                              text_row_mask)
-        input_states, cross_attention_states, text_row_mask, attention_mask = args
-        k, v = self.image_kv(cross_attention_states)
-        hidden = self.layer(input_states, lambda q: attend(q, k, v, attention_mask), text_row_mask)
-        return hidden, k.transpose(1, 2), v.transpose(1, 2)
 
 
 class Embedding(nn.Module):
