@@ -506,6 +506,13 @@ class Mllama {
     if (!rt_) fail("engine not initialised: call init(devid, bmodel_path, contract) first");
   }
 
+  void zero(const DeviceMem& m, const std::string& what) {
+    const std::vector<uint8_t> zeros(m.bytes(), 0);
+    check_bm(bm_memcpy_s2d_partial(dev_->handle(), m.mem(), const_cast<uint8_t*>(zeros.data()),
+                                   static_cast<unsigned int>(zeros.size())),
+             "bm_memcpy_s2d_partial", what);
+  }
+
   DeviceMem alloc(size_t bytes, const std::string& what) {
     DeviceMem m(dev_->handle(), bytes, what);
     allocated_ += bytes;
@@ -648,6 +655,9 @@ class Mllama {
       const size_t v_out = l.cross ? l.cross_kv->info->max_output_bytes[1] : 0;
       e.k = alloc(std::max(bytes, k_out), (l.cross ? "cross K" : "K cache") + tag);
       e.v = alloc(std::max(bytes, v_out), (l.cross ? "cross V" : "V cache") + tag);
+      // Every step reads all SEQ slots and masks the unfilled ones; freed device memory may hold
+      // anything, and a NaN or Inf there survives the additive mask. Slots start as zeros.
+      if (!l.cross) zero(e.k, "K cache" + tag), zero(e.v, "V cache" + tag);
     }
     // 4 bytes per element fits every dtype a hidden state, mask or position can have.
     const size_t seq = dims.seq, tp = static_cast<size_t>(dims.max_tiles) * dims.patches;
