@@ -190,3 +190,24 @@ def test_tables_too_big_for_onnxsim_skip_it(tmp_path: Path) -> None:
     big = transform_cmd(1353, table)
     assert big[big.index("--do_onnx_sim") + 1] == ""
     assert "--do_onnx_sim" not in transform_cmd(870_000_000, None)  # a decoder block is simplified
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["f32", "int4"])
+def test_more_nets_per_layer_store_its_weights_once(tiny_onnx_dir: Path, tiny_bmodel, mode: str) -> None:
+    """Every step net of a layer (decode and each prefill length) holds the same coefficients, and
+    the combined bmodel stores them once: its weight bytes (model_tool --info) are one copy per
+    layer plus the heads, the two embeddings sharing their table."""
+    from mllama_tpu import contract
+
+    rep = report(tiny_bmodel(mode))
+    nets = rep["nets"]
+    groups: dict[str, set[int]] = {}
+    for net, entry in nets.items():
+        where = contract.layer_of(net)
+        key = ("embedding" if net.startswith("embedding") else net) if where is None or where.rows is None \
+            else f"layer {where.layer}"
+        groups.setdefault(key, set()).add(entry["weight_bytes"])
+    assert all(len(sizes) == 1 for sizes in groups.values()), groups  # same coefficients in every step net
+    once = sum(next(iter(sizes)) for sizes in groups.values())
+    assert rep["device_memory"]["weight"] == once < sum(e["weight_bytes"] for e in nets.values())

@@ -272,3 +272,22 @@ def test_rotary_tables_match_transformers(layout):
     pos = torch.arange(1024).view(1, -1)
     ref_cos, ref_sin = lm.rotary_emb(torch.zeros(1, 1024, dims.hidden_size), pos)
     assert torch.allclose(cos, ref_cos[0], atol=1e-5) and torch.allclose(sin, ref_sin[0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_padding_tiles_reach_the_real_ones(tiny):
+    """Why the vit is compiled for T tiles only (ARCHITECTURE.md, "Prefill in chunks"): Mllama's
+    vision mask hides padding from padding only, so a 1-tile image's states change with what the
+    3 padding tiles hold; a vit for fewer tiles would not be the model."""
+    _, manifest, model = tiny
+    d = manifest["dims"]
+    t, s = d["max_num_tiles"], d["tile_size"]
+    gen = torch.Generator().manual_seed(3)
+    pixels = torch.zeros(1, 1, t, 3, s, s)
+    pixels[0, 0, 0] = torch.randn(3, s, s, generator=gen)
+    other = pixels.clone()
+    other[0, 0, 1:] = torch.randn(t - 1, 3, s, s, generator=gen)
+    ar_ids, ar_mask = torch.tensor([[1]]), torch.tensor([[[1] + [0] * (t - 1)]])
+    real = [model.model.vision_model(pixel_values=px, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask)
+            .last_hidden_state[0, 0, 0] for px in (pixels, other)]
+    assert float((real[0] - real[1]).abs().max()) > 1e-3 * float(real[0].abs().max())

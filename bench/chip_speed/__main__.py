@@ -40,6 +40,15 @@ STAGES = {
 }
 
 
+def ours_prefill(seq: int) -> dict[str, str]:
+    """Our nets that stand for llm_convert's static SEQ prefill blocks: the largest prefill chunk
+    against an empty cache (a whole 512-token prompt), renamed to its names for the report."""
+    from mllama_tpu.contract import prefill_lengths, step_block
+
+    c = prefill_lengths(None, seq)[-1]
+    return {step_block(0, c): "block_0", step_block(1, c): "block_1"}
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -107,12 +116,16 @@ def run(args: argparse.Namespace) -> int:
             nets = list(STAGES[stage])
             if side == "ours" and stage == "decode":
                 nets += ["greedy_head", "penalty_sample_head"]  # ours: the token heads are their own nets
+            rename = None
             if side == "ours":
                 nets = [n for n in nets if n not in substituted]
+                if stage == "prefill":
+                    rename = ours_prefill(args.seq_length)
+                    nets = [{v: k for k, v in rename.items()}.get(n, n) for n in nets]
             if stage == "vit":
                 _side(side, fn, vit1, work / f"{sub}-vit", args.seq_length, nets, costs, errors)
             else:
-                _side(side, fn, ckpt, work / sub, args.seq_length, nets, costs, errors)
+                _side(side, fn, ckpt, work / sub, args.seq_length, nets, costs, errors, rename=rename)
             if stage == "vit" and deep is not None:
                 _side(side, fn, deep, work / f"{sub}-vit-deep", args.seq_length, ["vit"],
                       costs, errors, rename={"vit": "vit_deep"})

@@ -8,7 +8,7 @@ from typing import Any
 
 from mllama_tpu.compile.jobs import tail_lines
 from mllama_tpu.compile.pieces import Piece
-from mllama_tpu.compile.report import parse_model_info
+from mllama_tpu.compile.report import parse_device_memory, parse_model_info
 from mllama_tpu.compile.tpu_mlir import Toolchain
 
 
@@ -38,6 +38,10 @@ def model_info(tc: Toolchain, bmodel: Path) -> str:
         raise CombineError(f"model_tool --info {bmodel} failed (exit {proc.returncode}): "
                            f"{(proc.stdout + proc.stderr).strip()[-500:]}")
     return proc.stdout
+
+
+def device_memory(tc: Toolchain, bmodel: Path) -> dict[str, int] | None:
+    return parse_device_memory(model_info(tc, bmodel))
 
 
 def verify(tc: Toolchain, bmodel: Path, pieces: list[Piece]) -> dict[str, dict[str, list[dict[str, Any]]]]:

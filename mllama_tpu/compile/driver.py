@@ -185,10 +185,11 @@ def _compile(export: Export, tc: Toolchain, mode: str, name: str, seq_length: in
         st = stamps[pl.piece.net]
         info[pl.piece.net] = {**pl.policy.to_dict(), "estimate": st.get("estimate"),
                               "compile_seconds": st.get("seconds"), "peak_rss": st.get("peak_rss"),
-                              "onnx_sha256": pl.piece.digest}
+                              "onnx_sha256": pl.piece.digest,
+                              "weight_bytes": (combine.device_memory(tc, pl.bmodel) or {}).get("weight")}
     rep = report.build_report(name=name, mode=mode, chip=chip, group_size=group_size, seq_length=seq_length,
                               activation_dtype=policy.activation_dtype(mode), tpu_mlir=tc.version,
-                              bmodel=out, piece_info=info, io=io)
+                              bmodel=out, piece_info=info, io=io, device_memory=combine.device_memory(tc, out))
     cache.write_json_atomic(out_dir / "compile_report.json", rep)
     for m in rep["device_dtype_mismatches"]:
         print(f"warning: {m}, not {rep['activation_dtype']}: the engine converts it through the host",

@@ -19,6 +19,18 @@ from mllama_tpu.profile import parse_profile
 _NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]\s*(?P<kind>\w*)")
 _SUBNETS = re.compile(r"^subnet number: (\d+)")  # printed only when a net has more than one
 _IO = re.compile(r"^(?P<kind>input|output): (?P<name>.+?), \[(?P<shape>[^\]]*)\], (?P<dtype>\w+)")
+# "device mem size: 7813120 (weight: 3436544, instruct: 673792, runtime: 3702784)"
+_DEVICE_MEM = re.compile(r"^device mem size: (?P<total>\d+) \(weight: (?P<weight>\d+), instruct: (?P<instruct>\d+), "
+                         r"runtime: (?P<runtime>\d+)\)")
+
+
+def parse_device_memory(text: str) -> dict[str, int] | None:
+    """What a bmodel needs in device memory, by `model_tool --info`: total, weight (coefficients;
+    combine stores identical blobs once), instruct, runtime (activations); None if not printed."""
+    for line in text.splitlines():
+        if m := _DEVICE_MEM.match(line.strip()):
+            return {k: int(v) for k, v in m.groupdict().items()}
+    return None
 
 
 def parse_model_info(text: str) -> dict[str, dict[str, Any]]:
@@ -69,7 +81,7 @@ def dtype_mismatches(piece_info: dict[str, dict[str, Any]], io: dict[str, dict[s
 
 def build_report(*, name: str, mode: str, chip: str, group_size: int, seq_length: int,
                  activation_dtype: str, tpu_mlir: str, bmodel: Path, piece_info: dict[str, dict[str, Any]],
-                 io: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                 io: dict[str, dict[str, Any]], device_memory: dict[str, int] | None) -> dict[str, Any]:
     nets = {}
     for net, info in piece_info.items():
         nets[net] = {**info, **io.get(net, {})}
@@ -85,6 +97,7 @@ def build_report(*, name: str, mode: str, chip: str, group_size: int, seq_length
         "tpu_mlir": tpu_mlir,
         "bmodel": bmodel.name,
         "bmodel_size": bmodel.stat().st_size,
+        "device_memory": device_memory,
         "total_estimated_cycles": total,
         "device_dtype_mismatches": dtype_mismatches(piece_info, io, activation_dtype),
         "nets": nets,

@@ -51,6 +51,7 @@ class Engine(ABC):
         self._rng = np.random.default_rng()
         self._seen: list[int] = []  # prompt + fed tokens of the current turn
         self.cached = CachedTokens()
+        self.reuse_cache = True  # False: every prompt runs whole (the benchmark's "before")
         self.last_reused = 0  # prompt tokens the last prefill found in the cache
         self._images_encoded = 0
         self._image: int | None = None  # which encoded image the cross K/V are of
@@ -79,7 +80,7 @@ class Engine(ABC):
             raise RuntimeError("an image prompt needs encode_image() first")
         image = self._image if p.has_image else None
         rows = p.row_keys
-        start = self.cached.reusable(rows, image)
+        start = self.cached.reusable(rows, image) if self.reuse_cache else 0
         self.cached.forget()  # until this prefill completes
         self._seen = p.token_ids
         finish = Finish(self._head_inputs(), p.decode_cross_attention_mask, p.decode_text_row_mask)
