@@ -48,9 +48,7 @@ class OnnxEngine(Engine):
         self.prefill_lengths = tuple(self.manifest["prefill_lengths"])
         self._embedding_rows = self.prefill_lengths[-1]
         self._sessions: dict[str, Any] = {}
-        kv, d = self.dims.num_key_value_heads, self.dims.head_dim
-        self._kv = {i: (np.zeros((1, self.seq_length, kv, d), np.float32), np.zeros((1, self.seq_length, kv, d), np.float32))
-                    for i, kind in enumerate(self.layers) if kind == "self"}
+        self._kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # self layer -> K, V [1,SEQ,KV,D], made on first use
         self._cross_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._decode_cross: tuple[np.ndarray, np.ndarray] | None = None
         self._position = 0
@@ -131,6 +129,9 @@ class OnnxEngine(Engine):
         for i, kind in enumerate(self.layers):
             net = contract.step_block(i, step.size)
             if kind == "self":
+                if i not in self._kv:  # zeros, shaped as the net takes them
+                    shape = next(a.shape for a in self._session(net).get_inputs() if a.name == "history_k")
+                    self._kv[i] = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
                 hist_k, hist_v = self._kv[i]
                 h, k, v = self.run(net, input_states=h, position_ids=step.position_ids,
                                    attention_mask=step.attention_mask, history_k=hist_k, history_v=hist_v)
