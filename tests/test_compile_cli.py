@@ -23,6 +23,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from mllama_tpu import REPO_ROOT
+from tests.conftest import TEST_PREFILL_LENGTHS
 
 COMPILE = str(REPO_ROOT / "compile" / "compile.sh")
 RUN_COMPILE = str(REPO_ROOT / "compile" / "run_compile.sh")
@@ -224,7 +225,8 @@ def test_run_compile_exports_and_compiles(tiny_model_dir: Path, tiny_onnx_dir: P
     _seed_pieces(tiny_bmodel("f32"), out, drop=["lm_head"])
     proc = subprocess.run([RUN_COMPILE, "--model_name", "tiny", "--model_path", str(tiny_model_dir),
                            "--seq_length", str(SEQ), "--mode", "f32", "--onnx_dir", str(onnx_dir), "--out", str(out),
-                           "--no_progress"], capture_output=True, text=True, timeout=1200)
+                           "--prefill_lengths", ",".join(map(str, TEST_PREFILL_LENGTHS)), "--no_progress"],
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr
     bmodel = out / "tiny-vision_f32_128seq.bmodel"
     assert proc.stdout.strip().splitlines()[-1] == str(bmodel)
