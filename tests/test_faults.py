@@ -29,6 +29,7 @@ from mllama_tpu import REPO_ROOT
 from mllama_tpu.engines.bmodel import ENGINE_DIR
 from mllama_tpu.export.onnx_io import sha256_file
 from serving import PIPELINE, SAMPLES, TRUTH, pipeline_turns, running_server, user_turn
+from tests.conftest import TEST_PREFILL_LENGTHS
 
 EXPORT_CLI = REPO_ROOT / "compile" / "export_onnx.py"
 IMAGE = SAMPLES / "yellow_square_right_on_blue_1x2.png"
@@ -80,7 +81,8 @@ def _listed_pieces_are_whole(out: Path) -> dict[str, dict]:
 def test_killed_export_resumes_to_a_clean_export(tiny_model_dir, tiny_onnx_dir, test_seq_length, tmp_path):
     clean = json.loads((tiny_onnx_dir / "manifest.json").read_text())["pieces"]  # the fixture's whole export
     out = tmp_path / "onnx"
-    cmd = [sys.executable, str(EXPORT_CLI), "-m", str(tiny_model_dir), "-s", str(test_seq_length), "-f", str(out)]
+    cmd = [sys.executable, str(EXPORT_CLI), "-m", str(tiny_model_dir), "-s", str(test_seq_length), "-f", str(out),
+           "--prefill_lengths", ",".join(map(str, TEST_PREFILL_LENGTHS))]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Killed while a piece is half-written (its private .tmp dir exists), after one is finished.
     deadline = time.monotonic() + 300
