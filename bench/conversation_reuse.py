@@ -34,7 +34,7 @@ def conversation(model, image: Path, reuse: bool) -> list[dict]:
     turns = []
     for q in QUESTIONS:
         start = time.perf_counter()
-        done = next(e for e in session.turn(q) if isinstance(e, TurnDone))
+        done = next(e for e in list(session.turn(q)) if isinstance(e, TurnDone))  # whole: the history grows after
         turns.append({"prompt": done.prompt_tokens, "reused": model.engine.last_reused, "ftl_s": done.ftl_s,
                       "wall_s": time.perf_counter() - start, "answer": done.answer})
     return turns
