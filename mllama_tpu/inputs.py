@@ -298,7 +298,7 @@ def prefill_inputs(
     num_patches: int | None = None,
     max_tiles: int | None = None,
 ) -> PrefillInputs:
-    """Static-shape prefill inputs for one prompt.
+    """The prefill inputs of one prompt (its chunks make the static shapes).
 
     cross_attention_mask is the processor's [1,L,1,T] (None for a text-only prompt); num_patches
     (P, per tile incl. CLS) and max_tiles (T) are the engine's, checked against the processor's.

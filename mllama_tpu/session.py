@@ -104,7 +104,7 @@ class LoadedModel:
         return self._image
 
     def prompt(self, messages: Sequence[dict], image: ImageInputs | None) -> PrefillInputs:
-        """Static-shape prefill inputs of a conversation; PromptTooLong past SEQ."""
+        """The prefill inputs of a conversation; PromptTooLong past SEQ."""
         features = prompt_features(self.processor, messages, image)
         return prefill_inputs(features["input_ids"][0], self.seq_length, pad_token_id(self.processor),
                               features.get("cross_attention_mask"), self.engine.num_patches, self.engine.max_tiles)
