@@ -37,7 +37,16 @@ STAGES = {
     "decode": ["embedding_cache", "block_cache_0", "block_cache_1", "lm_head"],
     "prefill": ["embedding", "block_0", "block_1"],
     "vit": ["vit"],
+    "chunks": [],  # ours only: every prefill chunk length of both layer kinds, and cross_kv (ours_chunks)
 }
+
+
+def ours_chunks(seq: int) -> list[str]:
+    """Our step nets of every default prefill length and the cross K/V net: the parts of the
+    first-token scenarios (issue 13) that llm_convert has no counterpart for."""
+    from mllama_tpu.contract import cross_kv_block, prefill_lengths, step_block
+
+    return [cross_kv_block(1)] + [step_block(layer, c) for c in prefill_lengths(None, seq) for layer in (0, 1)]
 
 
 def ours_prefill(seq: int) -> dict[str, str]:
@@ -113,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
         fn, sub = (ours_fn, "ours") if side == "ours" else (llmc_fn, "llm_convert")
         costs, errors = {}, {}
         for stage in stages:
-            nets = list(STAGES[stage])
+            if stage == "chunks" and side != "ours":
+                continue
+            nets = list(STAGES[stage]) if stage != "chunks" else ours_chunks(args.seq_length)
             if side == "ours" and stage == "decode":
                 nets += ["greedy_head", "penalty_sample_head"]  # ours: the token heads are their own nets
             rename = None
@@ -149,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="11b", help="11b | 90b | tiny (dims; default 11b)")
     p.add_argument("-s", "--seq_length", type=int, default=512)
     p.add_argument("--stages", default="decode,prefill,vit",
-                   help="comma list of decode, prefill, vit (default all)")
+                   help="comma list of decode, prefill, vit, chunks (default decode,prefill,vit)")
     p.add_argument("--sides", default="ours,llm_convert")
     p.add_argument("--vit_depths", type=int, default=2, choices=(1, 2),
                    help="build the vit at 2 depths to extrapolate its per-layer cost (default)")
