@@ -97,9 +97,10 @@ class PrefillInputs:
     def row_keys(self) -> list[tuple]:
         """What a cached token's K/V depend on besides the tokens before it: its id and, in an
         image prompt, the tiles it sees (engines.cache compares these)."""
-        if self.tile_rows is None:
-            return [(int(t), None) for t in self.input_ids]
-        return [(int(t), row.tobytes()) for t, row in zip(self.input_ids, self.tile_rows.astype(np.int8))]
+        return [(int(t), self._tiles_key(r)) for r, t in enumerate(self.input_ids)]
+
+    def _tiles_key(self, row: int):
+        return None if self.tile_rows is None else self.tile_rows[row].astype(np.int8).tobytes()
 
     def chunk(self, offset: int, rows: int, size: int) -> ChunkInputs:
         """Tokens offset..offset+rows-1 as a step net of length `size` sees them."""
@@ -153,7 +154,7 @@ class PrefillInputs:
     @property
     def decode_row_key(self):
         """row_keys' tile part of a decoded token (it sees what the last prompt token sees)."""
-        return self.row_keys[-1][1]
+        return self._tiles_key(-1)
 
 
 # ---------------------------------------------------------------------------------------------
