@@ -2,7 +2,7 @@
 """Export a Mllama (Llama-3.2-Vision) checkpoint to static-shape ONNX pieces.
 
     python compile/export_onnx.py -m MODEL_DIR -s SEQ_LENGTH [-f OUT_DIR] [-d cpu|cuda]
-                                  [--prefill_lengths 32,128,512]
+                                  [--prefill_lengths 64,128,512]
 
 Writes OUT_DIR/pieces/*.onnx, OUT_DIR/manifest.json and OUT_DIR/token_config/. Re-running
 keeps the pieces that are already complete (checked by sha256) and redoes the rest.

@@ -51,7 +51,7 @@ CROSS_KV_NET = "cross_kv_{layer}"
 
 # Prefill lengths when the export is given none: a short chat prompt (a question, a follow-up
 # turn) fits the smallest, a long one runs in chunks of the largest. Lengths above SEQ are cut.
-DEFAULT_PREFILL_LENGTHS = (32, 128, 512)
+DEFAULT_PREFILL_LENGTHS = (64, 128, 512)
 
 # Tensors that only travel from one net to another on the device (compile stores them in the
 # activation dtype); everything else is written or read by the host.

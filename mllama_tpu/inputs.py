@@ -69,6 +69,22 @@ class ChunkInputs:
         return self.cross_attention_mask is not None
 
 
+def plan_chunks(num_tokens: int, start: int, lengths: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(offset, rows, size) of each chunk prefilling tokens start..num_tokens-1: the largest
+    length while more remain than it holds, then the shortest that holds the rest."""
+    if not 0 <= start < num_tokens:
+        raise ValueError(f"prefill from token {start} of a prompt of {num_tokens}")
+    lengths = sorted(lengths)
+    out, offset = [], start
+    while offset < num_tokens:
+        left = num_tokens - offset
+        size = lengths[-1] if left >= lengths[-1] else next(c for c in lengths if c >= left)
+        rows = min(left, size)
+        out.append((offset, rows, size))
+        offset += rows
+    return out
+
+
 @dataclass
 class PrefillInputs:
     """One prompt: its tokens and, for an image prompt, which tiles each token sees. The static
@@ -121,19 +137,9 @@ class PrefillInputs:
         return c
 
     def chunks(self, start: int, lengths: Sequence[int]) -> list[ChunkInputs]:
-        """Tokens start..L-1 as chunks: the largest length while more remain than it holds, then
-        the shortest that holds the rest (lengths: the step nets the engine has)."""
-        if not 0 <= start < self.num_tokens:
-            raise ValueError(f"prefill from token {start} of a prompt of {self.num_tokens}")
-        lengths = sorted(lengths)
-        out, offset = [], start
-        while offset < self.num_tokens:
-            left = self.num_tokens - offset
-            size = lengths[-1] if left >= lengths[-1] else next(c for c in lengths if c >= left)
-            rows = min(left, size)
-            out.append(self.chunk(offset, rows, size))
-            offset += rows
-        return out
+        """Tokens start..L-1 as chunks of the step nets the engine has (plan_chunks)."""
+        return [self.chunk(offset, rows, size)
+                for offset, rows, size in plan_chunks(self.num_tokens, start, lengths)]
 
     @property
     def decode_cross_attention_mask(self) -> np.ndarray | None:

@@ -189,6 +189,36 @@ def test_cross_kv_and_cross_block_steps(tiny):
         close(hidden[:, :n], ref[:, lo:lo + n])
 
 
+def test_cross_step_of_many_rows_takes_the_fused_form_with_the_same_result(tiny, tmp_path, monkeypatch):
+    """From FUSED_CROSS_ROWS rows on a cross step repeats K/V per query head (the form TPU-MLIR
+    fuses); exported that way, the 16-row step gives what the grouped form gives (checked against
+    transformers above) for rows that see tiles, rows that see none and pad rows."""
+    from mllama_tpu.export import text
+
+    out, manifest, _ = tiny
+    d = manifest["dims"]
+    i = layer_index(manifest, "cross")
+    h, t, p, size = d["hidden_size"], d["max_num_tiles"], d["num_patches"], 16
+    assert size < text.FUSED_CROSS_ROWS  # the module's export took the grouped form
+    monkeypatch.setattr(text, "FUSED_CROSS_ROWS", 8)
+    fused = tmp_path / "fused"
+    export_model(out.parent / "model", fused, SEQ, only=[step_block(i, size)], progress=False, prefill_lengths=CHUNKS)
+    rng = np.random.default_rng(3)
+    cross = {"cross_k": rng.standard_normal((1, d["num_key_value_heads"], t * p, d["head_dim"])).astype(np.float32),
+             "cross_v": rng.standard_normal((1, d["num_key_value_heads"], t * p, d["head_dim"])).astype(np.float32)}
+    mask = np.full((1, 1, size, t * p), NEG, np.float32)
+    mask[:, :, :6, :p] = 0  # rows 0-5 see tile 0; rows 6-11 see tiles 0-1
+    mask[:, :, 6:12, :2 * p] = 0
+    mask[:, :, 12:] = 0  # rows that see nothing (and pad rows): all visible, no MLP
+    row = np.ones((1, size, 1), np.float32)
+    row[:, 12:] = 0
+    inputs = dict(input_states=rng.standard_normal((1, size, h)).astype(np.float32), text_row_mask=row,
+                  attention_mask=mask, **cross)
+    (grouped,) = run(out, step_block(i, size), **inputs)
+    (fused_out,) = run(fused, step_block(i, size), **inputs)
+    close(fused_out, torch.from_numpy(grouped))
+
+
 @torch.no_grad()
 def test_lm_head(tiny):
     out, manifest, model = tiny

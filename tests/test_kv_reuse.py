@@ -87,8 +87,8 @@ def test_chunks_take_the_largest_then_the_shortest_that_holds_the_rest(start, le
 
 
 def test_prefill_lengths_are_cut_to_seq_and_refuse_one():
-    assert prefill_lengths(None, 128) == (32, 128)
-    assert prefill_lengths(None, 4096) == (32, 128, 512)
+    assert prefill_lengths(None, 128) == (64, 128)
+    assert prefill_lengths(None, 4096) == (64, 128, 512)
     assert prefill_lengths([64, 16, 64], 128) == (16, 64)
     with pytest.raises(ValueError, match="at least 2"):
         prefill_lengths([1, 16], 128)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mllama_tpu.compile.policy import piece_policy, transform_args
@@ -19,7 +20,9 @@ from mllama_tpu.compile.policy import piece_policy, transform_args
 _BIN = Path(sys.executable).parent
 
 
-def _run(cmd: list[str], cwd: Path, log: Path) -> None:
+def _run(cmd: list[str], cwd: Path, log: Path) -> float:
+    """Run one TPU-MLIR tool; returns its wall seconds."""
+    t0 = time.monotonic()
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
@@ -27,6 +30,7 @@ def _run(cmd: list[str], cwd: Path, log: Path) -> None:
     if rc != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise RuntimeError(f"{cmd[0]} failed (exit {rc}) in {cwd}; log {log}:\n" + "\n".join(tail))
+    return time.monotonic() - t0
 
 
 def _shape_arg(specs: list[dict]) -> str:
@@ -48,25 +52,29 @@ def compile_piece(net: str, entry: dict, onnx_dir: Path, work: Path, mode: str, 
     outs = entry["outputs"]
     pol = piece_policy(net, mode, group, [i["name"] for i in ins], [o["name"] for o in outs], lm_head)
     # As the compile stage's stamp: the flags passed decide the bmodel, not the mode's name.
-    key = {"sha256": entry["sha256"], "chip": chip, "policy": pol.to_dict()}
+    transform = transform_args(net, _file_bytes(entry))
+    key = {"sha256": entry["sha256"], "chip": chip, "policy": pol.to_dict(), "transform_args": transform}
     if bmodel.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
         return d
     bmodel.unlink(missing_ok=True)
     log = d / "compile.log"
     log.write_text("")
     model_def = (onnx_dir / entry["file"]).resolve()
-    _run([str(_BIN / "model_transform.py"), "--model_name", net, "--model_def", str(model_def),
+    transform_s = _run([str(_BIN / "model_transform.py"), "--model_name", net, "--model_def", str(model_def),
           "--input_shapes", _shape_arg(ins), "--input_types", ",".join(i["dtype"] for i in ins),
-          "--mlir", f"{net}.mlir", *transform_args(_file_bytes(entry))], d, log)
-    _run([str(_BIN / "model_deploy.py"), "--mlir", f"{net}.mlir", "--chip", chip,
+          "--mlir", f"{net}.mlir", *transform], d, log)
+    deploy_s = _run([str(_BIN / "model_deploy.py"), "--mlir", f"{net}.mlir", "--chip", chip,
           "--model", bmodel.name, *pol.deploy_args()], d, log)
     stamp.write_text(json.dumps(key))
+    (d / "compile_time.json").write_text(json.dumps(
+        {"model_transform_s": round(transform_s, 1), "model_deploy_s": round(deploy_s, 1)}))
     return d
 
 
 def build_ours(ckpt: Path, work: Path, seq_length: int, nets: list[str], mode: str = "int4",
                group: int = 64, chip: str = "bm1684x", log=print,
-               reuse: bool = False, lm_head: str | None = None) -> dict[str, Path]:
+               reuse: bool = False, lm_head: str | None = None,
+               prefill_lengths: tuple[int, ...] | None = None) -> dict[str, Path]:
     """Export the named pieces (cached by the export's own manifest) and compile each.
 
     reuse: take a net compiled before as it is, even if the export code changed since (the
@@ -82,8 +90,8 @@ def build_ours(ckpt: Path, work: Path, seq_length: int, nets: list[str], mode: s
         if len(done) == len(nets):
             return done
     log(f"[ours] export {', '.join(nets)}")
-    manifest = json.loads(Path(export_model(ckpt, onnx_dir, seq_length, only=nets,
-                                            progress=False)).read_text())
+    manifest = json.loads(Path(export_model(ckpt, onnx_dir, seq_length, only=nets, progress=False,
+                                            prefill_lengths=prefill_lengths)).read_text())
     dirs = {}
     for net in nets:
         log(f"[ours] compile {net}")

@@ -39,7 +39,7 @@ class StampKey:
     mode: str
     group_size: int
     chip: str
-    policy: dict[str, Any]  # quantize flags actually passed (PiecePolicy.to_dict)
+    policy: dict[str, Any]  # flags actually passed (PiecePolicy.to_dict + model_transform args)
     tpu_mlir_version: str
 
     def to_dict(self) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def _job(plan: _Plan, tc: Toolchain, chip: str, env: dict[str, str], transform_v
     mlir = f"{p.net}.mlir"
     transform = tc.cmd("model_transform.py", "--model_name", p.net, "--model_def", str(p.onnx.resolve()),
                        "--input_shapes", _shapes_arg(p), "--input_types", ",".join(t.dtype for t in p.inputs),
-                       "--mlir", mlir, *policy.transform_args(p.total_size))
+                       "--mlir", mlir, *policy.transform_args(p.net, p.total_size))
     deploy = tc.cmd("model_deploy.py", "--mlir", mlir, "--chip", chip, *plan.policy.deploy_args(),
                     "--model", f"{p.net}.bmodel")
 
@@ -75,7 +75,8 @@ def _plan(export: Export, out_dir: Path, mode: str, group_size: int, chip: str, 
     for p in export.pieces:
         pol = policy.piece_policy(p.net, mode, group_size, [t.name for t in p.inputs], [t.name for t in p.outputs],
                                   lm_head)
-        key = cache.StampKey(p.digest, mode, group_size, chip, pol.to_dict(), version)
+        flags = {**pol.to_dict(), "transform_args": policy.transform_args(p.net, p.total_size)}
+        key = cache.StampKey(p.digest, mode, group_size, chip, flags, version)
         plans.append(_Plan(p, pol, key, out_dir / "pieces" / f"{p.net}.bmodel", out_dir / "work" / p.net,
                            out_dir / "logs" / f"{p.net}.log"))
     return plans

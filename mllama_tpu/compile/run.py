@@ -2,7 +2,7 @@
 
   ./compile/run_compile.sh --model_name llama3.2-11b --seq_length 512 [--model_path DIR] [--mode int4]
                            [--tpu_mlir_path DIR] [--out DIR] [--onnx_dir DIR] [--jobs N] [--group_size 64]
-                           [--prefill_lengths 32,128,512]
+                           [--prefill_lengths 64,128,512]
 
 Without --model_path the checkpoint is downloaded with ModelScope's own client (as the original
 project did); with --tpu_mlir_path a TPU-MLIR source build is used (its envsetup.sh is sourced),

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from mllama_tpu.config import ModelDims
 from mllama_tpu.errors import UserError
+from mllama_tpu.export import flags
 from mllama_tpu.export.onnx_io import export_piece, sha256_file
 from mllama_tpu import contract
 from mllama_tpu.contract import RECENT_IDS
@@ -46,7 +47,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, seq_length: int, de
     try:
         chunks = contract.prefill_lengths(prefill_lengths, seq_length)
     except ValueError as e:
-        raise UserError(f"{e}; pass e.g. --prefill_lengths 32,128,512") from None
+        raise UserError(f"{e}; pass e.g. --prefill_lengths {flags.DEFAULT_TEXT}") from None
     device = _check_device(device)
     weights = CheckpointWeights(model_dir, dims.tie_word_embeddings)
     pieces_dir = _writable(out_dir) / "pieces"

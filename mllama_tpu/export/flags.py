@@ -7,10 +7,13 @@ from mllama_tpu.contract import DEFAULT_PREFILL_LENGTHS
 from mllama_tpu.errors import UserError
 
 
+DEFAULT_TEXT = ",".join(map(str, DEFAULT_PREFILL_LENGTHS))
+
+
 def add_prefill_lengths(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill_lengths", default=None,
-                        help="chunk lengths of the prefill nets, comma-separated (default "
-                             f"{','.join(map(str, DEFAULT_PREFILL_LENGTHS))}, each cut to the seq_length)")
+                        help=f"chunk lengths of the prefill nets, comma-separated (default {DEFAULT_TEXT}, "
+                             "each cut to the seq_length)")
 
 
 def parse_prefill_lengths(text: str | None) -> tuple[int, ...] | None:
@@ -19,4 +22,4 @@ def parse_prefill_lengths(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(part, 10) for part in text.split(","))
     except ValueError:
-        raise UserError(f"--prefill_lengths {text!r} is not a list of integers; pass e.g. 32,128,512") from None
+        raise UserError(f"--prefill_lengths {text!r} is not a list of integers; pass e.g. {DEFAULT_TEXT}") from None

@@ -71,6 +71,29 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.transpose(1, 2).reshape(1, sq, nh * d)
 
 
+# Rows from which a cross step reads the head-major cache through its sequence-major view and
+# repeats K/V per query head: the form TPU-MLIR fuses into one FAttention. Fewer rows keep the
+# grouped form, which reads each KV head once (measured at 11B, ARCHITECTURE.md "Prefill in chunks").
+FUSED_CROSS_ROWS = 64
+
+
+def attend_head_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [1,Sq,NH,D] against head-major k/v [1,KV,Sk,D] (the cross cache), mask [1,1,Sq,Sk]."""
+    _, sq, nh, d = q.shape
+    if sq == 1:
+        return attend_one_query(q, k, v, mask)
+    if sq >= FUSED_CROSS_ROWS:
+        return attend(q, k.transpose(1, 2), v.transpose(1, 2), mask)
+    kv, sk = k.shape[1], k.shape[2]
+    rep = nh // kv
+    qg = q.transpose(1, 2).reshape(1, kv, rep * sq, d)  # head h = kv head h // rep, row r
+    scores = torch.matmul(qg, k.transpose(2, 3)) * (d ** -0.5)  # [1,KV,rep*Sq,Sk]
+    scores = scores.reshape(1, kv, rep, sq, sk) + mask.reshape(1, 1, 1, sq, sk)
+    probs = torch.softmax(scores, dim=-1).reshape(1, kv, rep * sq, sk)
+    out = torch.matmul(probs, v).reshape(1, nh, sq, d)
+    return out.transpose(1, 2).reshape(1, sq, nh * d)
+
+
 def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Decode attention without repeating K/V: q [1,1,NH,D], k/v head-major [1,KV,Sk,D].
 
@@ -86,21 +109,6 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     scores = torch.matmul(qg, k.transpose(2, 3)) * (d ** -0.5) + mask  # [1,KV,rep,Sk]
     out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [1,KV,rep,D]
     return out.reshape(1, 1, nh * d)
-
-
-def attend_head_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [1,Sq,NH,D] against head-major k/v [1,KV,Sk,D] (the cross cache), mask [1,1,Sq,Sk]."""
-    _, sq, nh, d = q.shape
-    if sq == 1:
-        return attend_one_query(q, k, v, mask)
-    kv, sk = k.shape[1], k.shape[2]
-    rep = nh // kv
-    qg = q.transpose(1, 2).reshape(1, kv, rep * sq, d)  # head h = kv head h // rep, row r
-    scores = torch.matmul(qg, k.transpose(2, 3)) * (d ** -0.5)  # [1,KV,rep*Sq,Sk]
-    scores = scores.reshape(1, kv, rep, sq, sk) + mask.reshape(1, 1, 1, sq, sk)
-    probs = torch.softmax(scores, dim=-1).reshape(1, kv, rep * sq, sk)
-    out = torch.matmul(probs, v).reshape(1, nh, sq, d)
-    return out.transpose(1, 2).reshape(1, sq, nh * d)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
