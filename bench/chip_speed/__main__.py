@@ -3,6 +3,7 @@ own BM1684X cycle estimates. One command (from the repo root):
 
     nice -n 19 .venv/bin/python -m bench.chip_speed            # 11B dims, everything
     nice -n 19 .venv/bin/python -m bench.chip_speed --stages decode --sides llm_convert
+    nice -n 19 .venv/bin/python -m bench.chip_speed --stages scenarios --sides ours  # issue 13
 
 Writes WORK/chip_speed_<model>.json and .md and prints the table. Every piece is cached
 (checkpoint, ONNX, each net's bmodel + profile), so a second run only re-reads profiles.
@@ -20,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from mllama_tpu.compile.policy import lm_head_precision
+from mllama_tpu.contract import prefill_lengths as cut_lengths
+from mllama_tpu.export.flags import add_prefill_lengths, parse_prefill_lengths
 from mllama_tpu.errors import UserError, cli_main
 
 from .checkpoint import DIMS, Reduced, make_checkpoint
@@ -38,24 +41,33 @@ STAGES = {
     "prefill": ["embedding", "block_0", "block_1"],
     "vit": ["vit"],
     "chunks": [],  # ours only: every prefill chunk length of both layer kinds, and cross_kv (ours_chunks)
+    "scenarios": [],  # ours only: what issue 13's first-token scenarios run (scenarios.nets_needed)
 }
 
 
-def ours_chunks(seq: int) -> list[str]:
-    """Our step nets of every default prefill length and the cross K/V net: the parts of the
+def ours_chunks(lengths: tuple[int, ...]) -> list[str]:
+    """Our step nets of every prefill length and the cross K/V net: the parts of the
     first-token scenarios (issue 13) that llm_convert has no counterpart for."""
-    from mllama_tpu.contract import cross_kv_block, prefill_lengths, step_block
+    from mllama_tpu.contract import cross_kv_block, step_block
 
-    return [cross_kv_block(1)] + [step_block(layer, c) for c in prefill_lengths(None, seq) for layer in (0, 1)]
+    return [cross_kv_block(1)] + [step_block(layer, c) for c in lengths for layer in (0, 1)]
 
 
-def ours_prefill(seq: int) -> dict[str, str]:
+def ours_prefill(lengths: tuple[int, ...]) -> dict[str, str]:
     """Our nets that stand for llm_convert's static SEQ prefill blocks: the largest prefill chunk
     against an empty cache (a whole 512-token prompt), renamed to its names for the report."""
-    from mllama_tpu.contract import prefill_lengths, step_block
+    from mllama_tpu.contract import step_block
 
-    c = prefill_lengths(None, seq)[-1]
+    c = lengths[-1]
     return {step_block(0, c): "block_0", step_block(1, c): "block_1"}
+
+
+def lengths_at(args: argparse.Namespace, seq: int) -> tuple[int, ...]:
+    """The prefill lengths the export builds at this seq (--prefill_lengths, cut to it)."""
+    try:
+        return cut_lengths(parse_prefill_lengths(args.prefill_lengths), seq)
+    except ValueError as e:
+        raise UserError(f"--prefill_lengths: {e}") from None
 
 
 def _log(msg: str) -> None:
@@ -82,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model not in ("11b", "90b", "tiny"):
         raise UserError(f"--model {args.model!r}: use 11b, 90b or tiny")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    lengths = lengths_at(args, args.seq_length)
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise UserError(f"--stages: unknown {', '.join(bad)}; use any of {', '.join(STAGES)}")
@@ -110,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     from .ours import build_ours
 
     def ours_fn(ck, w, seq, nets, log):
-        return build_ours(ck, w, seq, nets, log=log, reuse=args.reuse, lm_head=args.lm_head)
+        return build_ours(ck, w, seq, nets, log=log, reuse=args.reuse, lm_head=args.lm_head,
+                          prefill_lengths=lengths_at(args, seq))
 
     def llmc_fn(ck, w, seq, nets, log):
         return build_llmc(ck, w, seq, nets, log=log)
@@ -122,16 +136,18 @@ def run(args: argparse.Namespace) -> int:
         fn, sub = (ours_fn, "ours") if side == "ours" else (llmc_fn, "llm_convert")
         costs, errors = {}, {}
         for stage in stages:
-            if stage == "chunks" and side != "ours":
+            if stage in ("chunks", "scenarios") and side != "ours":
                 continue
-            nets = list(STAGES[stage]) if stage != "chunks" else ours_chunks(args.seq_length)
+            if stage == "scenarios":
+                continue  # after the loop: it reads what the other stages built
+            nets = list(STAGES[stage]) if stage != "chunks" else ours_chunks(lengths)
             if side == "ours" and stage == "decode":
                 nets += ["greedy_head", "penalty_sample_head"]  # ours: the token heads are their own nets
             rename = None
             if side == "ours":
                 nets = [n for n in nets if n not in substituted]
                 if stage == "prefill":
-                    rename = ours_prefill(args.seq_length)
+                    rename = ours_prefill(lengths)
                     nets = [{v: k for k, v in rename.items()}.get(n, n) for n in nets]
             if stage == "vit":
                 _side(side, fn, vit1, work / f"{sub}-vit", args.seq_length, nets, costs, errors)
@@ -144,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
 
     res = build(dims, args.seq_length, results, r1, r2 if deep is not None else None,
                 substituted=substituted)
+    if "scenarios" in stages and "ours" in sides:
+        ours = next(r for r in results if r.name == "ours")
+        vit = res["sides"]["ours"]["vit_ms"] if "extrapolated" in res["sides"]["ours"]["vit_note"] else None
+        run_scenarios(args, dims, ckpt, work, ours_fn, ours.costs, vit, substituted)
     res["wall_s"] = round(time.time() - t0, 1)
     md = table(res)
     out = work / f"chip_speed_{args.model}.json"
@@ -154,13 +174,62 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_scenarios(args: argparse.Namespace, dims, ckpt: Path, work: Path, ours_fn,
+                  costs: dict, vit_ms: float | None, substituted: tuple[str, ...]) -> None:
+    """Build (or read back) every net issue 13's scenarios run, at their seq lengths, compose
+    them (scenarios.py) and write bench/results/latency_<model>.json."""
+    from mllama_tpu.contract import layer_of
+
+    from . import build_cost
+    from . import scenarios as sc_mod
+    from .report import CROSS, SELF
+
+    def reads_history(net: str) -> bool:
+        ln = layer_of(net)
+        return ln is not None and ln.layer == SELF and ln.rows is not None
+
+    earlier = sc_mod.load_earlier()
+    costs_by_seq: dict[int, dict] = {args.seq_length: costs}
+    for sc in sc_mod.scenarios(args.seq_length, args.long_seq):
+        seq_costs = costs_by_seq.setdefault(sc.seq, {})
+        nets = sc_mod.nets_needed(sc, lengths_at(args, sc.seq))
+        if sc.seq == args.seq_length:  # + the decode step, and every layer net for build_cost
+            nets += [n for kind in build_cost.after(lengths_at(args, sc.seq)).values() for n in kind]
+            nets += list(build_cost.HEADS)
+        else:  # only the self steps read the SEQ-slot history; the rest is the same net
+            nets = [n for n in nets if reads_history(n)]
+        nets = [n for n in dict.fromkeys(nets) if n not in seq_costs and n not in substituted]
+        side_work = work / "ours" if sc.seq == args.seq_length else work / f"seq{sc.seq}" / "ours"
+        errors: dict = {}
+        _side("ours", ours_fn, ckpt, side_work, sc.seq, nets, seq_costs, errors)
+        if sc.seq != args.seq_length:
+            seq_costs.update({net: c for net, c in costs.items() if not reads_history(net)})
+    lengths = lengths_at(args, args.seq_length)
+    res = sc_mod.compose(dims, lengths, costs_by_seq, args.seq_length, vit_ms, earlier)
+    res["command"] = "nice -n 19 .venv/bin/python -m bench.chip_speed " + " ".join(sys.argv[1:])
+    results_dir = Path(__file__).resolve().parents[1] / "results"
+    out = results_dir / f"latency_{args.model}.json"
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(sc_mod.table(res))
+    build = build_cost.compose(dims, args.seq_length, lengths, costs, earlier["before_nets"],
+                               build_cost.vision_weight_bytes(dims))
+    build["command"] = res["command"]
+    build_out = results_dir / f"build_{args.model}.json"
+    build_out.write_text(json.dumps(build, indent=1) + "\n")
+    print(build_cost.table(build))
+    _log(f"wrote {out} and {build_out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.chip_speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="11b", help="11b | 90b | tiny (dims; default 11b)")
     p.add_argument("-s", "--seq_length", type=int, default=512)
     p.add_argument("--stages", default="decode,prefill,vit",
-                   help="comma list of decode, prefill, vit, chunks (default decode,prefill,vit)")
+                   help="comma list of decode, prefill, vit, chunks, scenarios (default decode,prefill,vit)")
+    add_prefill_lengths(p)
+    p.add_argument("--long_seq", type=int, default=2048,
+                   help="scenarios: the longer seq_length S1 is also measured at (default 2048)")
     p.add_argument("--sides", default="ours,llm_convert")
     p.add_argument("--vit_depths", type=int, default=2, choices=(1, 2),
                    help="build the vit at 2 depths to extrapolate its per-layer cost (default)")
