@@ -192,7 +192,7 @@ def run_scenarios(args: argparse.Namespace, dims, ckpt: Path, work: Path, ours_f
     costs_by_seq: dict[int, dict] = {args.seq_length: costs}
     for sc in sc_mod.scenarios(args.seq_length, args.long_seq):
         seq_costs = costs_by_seq.setdefault(sc.seq, {})
-        nets = sc_mod.nets_needed(sc, lengths_at(args, sc.seq))
+        nets = sc_mod.nets_needed(sc, dims, lengths_at(args, sc.seq))
         if sc.seq == args.seq_length:  # + the decode step, and every layer net for build_cost
             nets += [n for kind in build_cost.after(lengths_at(args, sc.seq)).values() for n in kind]
             nets += list(build_cost.HEADS)

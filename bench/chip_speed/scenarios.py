@@ -71,15 +71,22 @@ def scenarios(seq: int = 512, long_seq: int = 2048) -> tuple[Scenario, ...]:
     )
 
 
-def nets_needed(sc: Scenario, lengths: tuple[int, ...]) -> list[str]:
-    """Our nets (at reduced depth: layer SELF and CROSS) a scenario runs, besides the vit."""
-    sizes = sorted({size for _, _, size in plan_chunks(sc.cached + sc.new, sc.cached, lengths)})
-    nets = [step_block(SELF, c) for c in sizes]
-    if sc.image:
-        nets += [step_block(CROSS, c) for c in sizes]
-    if sc.new_image:
-        nets.append(cross_kv_block(CROSS))
-    return nets + ["lm_head", "greedy_head"]
+VIT = "vit_full"  # the whole 40-layer encoder, extrapolated from two reduced depths
+
+
+def launches(sc: Scenario, d: Dims, lengths: tuple[int, ...]) -> list[tuple[str, int]]:
+    """(net at reduced depth, launches in the full model) of a scenario, in the engine's order."""
+    out = [(VIT, 1), (cross_kv_block(CROSS), d.num_cross)] if sc.new_image else []
+    for _, _, size in plan_chunks(sc.cached + sc.new, sc.cached, lengths):
+        out += [("embedding", 1), (step_block(SELF, size), d.num_self)]
+        if sc.image:
+            out.append((step_block(CROSS, size), d.num_cross))
+    return out + [("lm_head", 1), ("greedy_head", 1)]
+
+
+def nets_needed(sc: Scenario, d: Dims, lengths: tuple[int, ...]) -> list[str]:
+    """The nets a run builds for a scenario (the vit is its own stage)."""
+    return list(dict.fromkeys(net for net, _ in launches(sc, d, lengths) if net != VIT))
 
 
 def load_earlier(path: Path = EARLIER) -> dict:
@@ -99,27 +106,16 @@ def _part(costs: dict[str, NetCost], earlier: dict, net: str) -> tuple[float, st
 
 def ours_ms(sc: Scenario, dims: Dims, lengths: tuple[int, ...], costs: dict[str, NetCost],
             earlier: dict, vit_ms: float | None) -> dict:
-    plan = plan_chunks(sc.cached + sc.new, sc.cached, lengths)
     sources: dict[str, str] = {}
-
-    def part(net: str) -> float:
-        ms, src = _part(costs, earlier, net)
-        sources[net] = src
-        return ms
-
     total = 0.0
-    if sc.new_image:
-        if vit_ms is None:
-            vit_ms = part("vit_full")
+    for net, n in launches(sc, dims, lengths):
+        if net == VIT and vit_ms is not None:
+            ms, sources[net] = vit_ms, "this run"
         else:
-            sources["vit_full"] = "this run"
-        total += vit_ms + dims.num_cross * part(cross_kv_block(CROSS))
-    for _, _, size in plan:
-        total += part("embedding") + dims.num_self * part(step_block(SELF, size))
-        if sc.image:
-            total += dims.num_cross * part(step_block(CROSS, size))
-    total += part("lm_head") + part("greedy_head")
-    return {"ms": round(total, 1), "chunks": [size for _, _, size in plan], "sources": sources}
+            ms, sources[net] = _part(costs, earlier, net)
+        total += n * ms
+    chunks = [size for _, _, size in plan_chunks(sc.cached + sc.new, sc.cached, lengths)]
+    return {"ms": round(total, 1), "chunks": chunks, "sources": sources}
 
 
 def decode_ms(dims: Dims, costs: dict[str, NetCost], earlier: dict) -> float:

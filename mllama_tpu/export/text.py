@@ -71,6 +71,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.transpose(1, 2).reshape(1, sq, nh * d)
 
 
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Decode attention without repeating K/V: q [1,1,NH,D], k/v head-major [1,KV,Sk,D].
+
+    With one query token the rep query heads that share a KV head become rep rows of that KV
+    head's attention: q [1,1,NH,D] is already [1,KV,rep,D] by a reshape, no copy. Repeating K/V
+    instead made the chip store and re-read rep copies of the whole cache every token (11B:
+    8.4 MB instead of 2.1 MB per self-attention layer; bench/README.md has the profiles).
+    Prefill keeps the repeated form, which TPU-MLIR fuses better for many query rows.
+    """
+    _, _, nh, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(1, kv, nh // kv, d)
+    scores = torch.matmul(qg, k.transpose(2, 3)) * (d ** -0.5) + mask  # [1,KV,rep,Sk]
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [1,KV,rep,D]
+    return out.reshape(1, 1, nh * d)
+
+
 # Rows from which a cross step reads the head-major cache through its sequence-major view and
 # repeats K/V per query head: the form TPU-MLIR fuses into one FAttention. Fewer rows keep the
 # grouped form, which reads each KV head once (measured at 11B, ARCHITECTURE.md "Prefill in chunks").
@@ -92,23 +109,6 @@ def attend_head_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     probs = torch.softmax(scores, dim=-1).reshape(1, kv, rep * sq, sk)
     out = torch.matmul(probs, v).reshape(1, nh, sq, d)
     return out.transpose(1, 2).reshape(1, sq, nh * d)
-
-
-def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Decode attention without repeating K/V: q [1,1,NH,D], k/v head-major [1,KV,Sk,D].
-
-    With one query token the rep query heads that share a KV head become rep rows of that KV
-    head's attention: q [1,1,NH,D] is already [1,KV,rep,D] by a reshape, no copy. Repeating K/V
-    instead made the chip store and re-read rep copies of the whole cache every token (11B:
-    8.4 MB instead of 2.1 MB per self-attention layer; bench/README.md has the profiles).
-    Prefill keeps the repeated form, which TPU-MLIR fuses better for many query rows.
-    """
-    _, _, nh, d = q.shape
-    kv = k.shape[1]
-    qg = q.reshape(1, kv, nh // kv, d)
-    scores = torch.matmul(qg, k.transpose(2, 3)) * (d ** -0.5) + mask  # [1,KV,rep,Sk]
-    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [1,KV,rep,D]
-    return out.reshape(1, 1, nh * d)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
