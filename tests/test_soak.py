@@ -3,7 +3,7 @@ through ChatSession in this process, then scripted requests through a real serve
 the `openai` client. After warm-up the engine's device bytes must not change, the probe's
 answer at the end must be the one at the start, every greedy answer must repeat for the same
 input, every bad request must get its 4xx error body, and RSS must stay flat. The full-length
-run and its figures are in the README ("Soak").
+run and its figures are in docs/benchmarks.md ("Soak").
 """
 from __future__ import annotations
 

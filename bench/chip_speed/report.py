@@ -182,7 +182,7 @@ def _f(x, unit="") -> str:
 
 
 def table(res: dict) -> str:
-    """The one table the README shows: full-model figures, per-net figures, ratios, floor."""
+    """The one table docs/benchmarks.md shows: full-model figures, per-net figures, ratios, floor."""
     so = res["sides"].get("ours", {})
     sl = res["sides"].get("llm_convert", {})
     r = res.get("ratios_ours_over_llm_convert", {})

@@ -7,7 +7,7 @@ f16 mode), lm_head at the activation type too (its logits decide every token), a
 sampling heads in F32 (top-k and softmax over the vocabulary need the range). The one exception:
 in int4/int8, lm_head is W8BF16 with per-group scales by default (`lm_head="w8"`): it is the
 largest single read of a decode step, so halving its bytes takes the 11B decode step under the
-110 ms goal, at a small cost in logit accuracy (README, Benchmarks); `lm_head="float"` keeps it
+110 ms goal, at a small cost in logit accuracy (docs/benchmarks.md); `lm_head="float"` keeps it
 at the activation type.
 
 Tensors that only travel from one net to another on the device (hidden states, KV cache, cross
