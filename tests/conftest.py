@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mllama_tpu import REPO_ROOT
+from mllama_tpu.dir_lock import exclusive
 
 TINY_MODEL = REPO_ROOT / "assets" / "tiny-mllama"
 CACHE = REPO_ROOT / "build" / "test-cache"
@@ -92,11 +93,12 @@ def real_vocab_model_dir() -> Path:
     sources = [Path(m.__file__) for m in (real_vocab, random_checkpoint, build, tokenizer)]
     sources.append(real_vocab.published_tokenizer_file())
     stamp = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
-    if (out / "stamp").is_file() and (out / "stamp").read_text() == stamp:
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    real_vocab.write_model(out)
-    (out / "stamp").write_text(stamp)
+    with exclusive(CACHE, "real-vocab-model"):  # test workers share the cache
+        if (out / "stamp").is_file() and (out / "stamp").read_text() == stamp:
+            return out
+        shutil.rmtree(out, ignore_errors=True)
+        real_vocab.write_model(out)
+        (out / "stamp").write_text(stamp)
     return out
 
 

@@ -10,11 +10,9 @@ Output layout under out_dir:
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from mllama_tpu.compile.jobs import Job, JobResult, JobRunner, Launcher, Step
 from mllama_tpu.compile.pieces import Export, Piece, load_export
 from mllama_tpu.compile.tpu_mlir import Toolchain, find_toolchain
 from mllama_tpu.compile.zygote import DISABLE_ENV, ZygoteClient
+from mllama_tpu.dir_lock import exclusive
 from mllama_tpu.errors import UserError
 
 
@@ -93,19 +92,6 @@ def _combine_fresh(out: Path, key: dict[str, Any]) -> bool:
         return False
 
 
-@contextmanager
-def _exclusive(out_dir: Path):
-    """One compile per output dir at a time (two test sessions may ask for the same cache)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".compile.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another compile into {out_dir} to finish", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def compile_model(onnx_dir: str | Path, mode: str, name: str, seq_length: int, out_dir: str | Path,
                   jobs: int | None = None, group_size: int = 64, chip: str = "bm1684x",
                   tpu_mlir_path: str | Path | None = None, progress: bool = True, lm_head: str | None = None
@@ -120,7 +106,7 @@ def compile_model(onnx_dir: str | Path, mode: str, name: str, seq_length: int, o
     out_dir = Path(out_dir).resolve()
     export = load_export(onnx_dir, seq_length)
     tc = find_toolchain(tpu_mlir_path)
-    with _exclusive(out_dir):
+    with exclusive(out_dir, "compile"):
         return _compile(export, tc, mode, name, seq_length, out_dir, jobs, group_size, chip, progress, lm_head)
 
 

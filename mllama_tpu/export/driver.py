@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from mllama_tpu.config import ModelDims
+from mllama_tpu.dir_lock import exclusive
 from mllama_tpu.errors import UserError
 from mllama_tpu.export import flags
 from mllama_tpu.export.onnx_io import export_piece, sha256_file
@@ -50,7 +51,13 @@ def export_model(model_dir: str | Path, out_dir: str | Path, seq_length: int, de
         raise UserError(f"{e}; pass e.g. --prefill_lengths {flags.DEFAULT_TEXT}") from None
     device = _check_device(device)
     weights = CheckpointWeights(model_dir, dims.tie_word_embeddings)
-    pieces_dir = _writable(out_dir) / "pieces"
+    with exclusive(_writable(out_dir), "export"):
+        return _export(model_dir, out_dir, dims, seq_length, chunks, device, weights, only, progress)
+
+
+def _export(model_dir: Path, out_dir: Path, dims: ModelDims, seq_length: int, chunks: tuple[int, ...],
+            device: str, weights: CheckpointWeights, only: Iterable[str] | None, progress: bool) -> Path:
+    pieces_dir = out_dir / "pieces"
     pieces_dir.mkdir(exist_ok=True)
     for stale in pieces_dir.glob(".tmp-*"):  # left by an interrupted run: never a finished piece
         shutil.rmtree(stale, ignore_errors=True)
@@ -105,7 +112,7 @@ def _check_device(device: str) -> str:
 def _writable(out_dir: Path) -> Path:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
+        probe = out_dir / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
