@@ -41,6 +41,7 @@
 #include <utility>
 #include <vector>
 
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -228,6 +229,28 @@ class QuietStdout {
 
  private:
   int saved_ = -1;
+};
+
+// On the simulator, the preload libcmodel_yield.so lets the simulator's polling threads sleep
+// while no engine call uses the device (cmodel_yield.c); every call that launches a net or
+// copies to or from the device holds a DeviceInUse. Without the preload, and on a chip, no-op.
+class DeviceInUse {
+ public:
+  DeviceInUse() { report(+1); }
+  ~DeviceInUse() { report(-1); }
+  DeviceInUse(const DeviceInUse&) = delete;
+  DeviceInUse& operator=(const DeviceInUse&) = delete;
+
+ private:
+  static void report(int delta) {
+#ifdef MLLAMA_CMODEL
+    using use_fn = void (*)(int);
+    static const use_fn use = reinterpret_cast<use_fn>(::dlsym(RTLD_DEFAULT, "cmodel_yield_device_use"));
+    if (use) use(delta);
+#else
+    (void)delta;
+#endif
+  }
 };
 
 static double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -462,6 +485,7 @@ class Mllama {
   // 5. Loading
   // =======================================================================================
   void init(int devid, const std::string& bmodel_path, const Contract& contract) {
+    DeviceInUse in_use;
     QuietStdout quiet;  // the simulator announces itself on stdout
     deinit();
     contract_ = contract;
@@ -481,6 +505,7 @@ class Mllama {
   }
 
   void deinit() {
+    DeviceInUse in_use;
     QuietStdout quiet;
     // Buffers first, then the runtime, then the device: each needs the next to be freed.
     kv_.clear();
@@ -809,6 +834,7 @@ class Mllama {
   // for every prefill chunk and decode step until the next image.
   void encode_image(const std::vector<float>& pixel_values, const std::vector<int32_t>& aspect_ratio_ids,
                     const std::vector<int32_t>& aspect_ratio_mask) {
+    DeviceInUse in_use;
     require_ready();
     const auto t0 = std::chrono::steady_clock::now();
     std::map<std::string, View> in;
@@ -905,6 +931,7 @@ class Mllama {
   // Runs one chunk of a prompt against the cache slots before c.offset (those the engine's
   // caller found still valid) and caches its rows; the last chunk (`finish`) runs the heads.
   HeadOutput prefill_chunk(const Chunk& c, const std::optional<Finish>& finish) {
+    DeviceInUse in_use;
     require_ready();
     const auto t0 = std::chrono::steady_clock::now();
     const size_t seq = dims.seq, tp = static_cast<size_t>(dims.max_tiles) * dims.patches, size = c.size;
@@ -970,6 +997,7 @@ class Mllama {
 
   // Feeds `token` (the last one generated) and returns what the head makes of the next one.
   HeadOutput decode(int token, const std::optional<SampleInputs>& sample) {
+    DeviceInUse in_use;
     require_ready();
     if (!decoding_) fail("decode before prefill: call prefill first");
     if (kv_.filled >= dims.seq)  // Python stops before this (Engine.is_full): a guard of the cache bounds

@@ -10,6 +10,15 @@
  * slice of the thread it waits for. Nothing the simulator computes changes; callers outside
  * libcmodel (Python, the compiler, anything else the preload reaches) are untouched apart from
  * one counter increment per unlock until libcmodel has been found.
+ *
+ * Yielding alone still keeps both cores busy while the device is idle: a loaded engine that
+ * runs no net (a server between requests, a chat waiting for its user, a test's module-scoped
+ * engine while other tests run) spun them in sched_yield, taking them from every other process.
+ * Nothing the polling threads do tells idle from busy (their polls look the same either way), so
+ * the engine says it: chat.cpp calls cmodel_yield_device_use(+1/-1) around each call that uses
+ * the device (ARCHITECTURE.md, "The simulator"). While no call is in flight, polling threads
+ * sleep IDLE_SLEEP_NS between polls; a new call waits at most that long for them to wake.
+ * A process whose engine never calls it (a compile's model_runner) keeps yielding always.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -18,12 +27,32 @@
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 typedef int (*unlock_fn)(pthread_mutex_t *);
 
 static unlock_fn real_unlock;
 static uintptr_t cmodel_lo, cmodel_hi; /* libcmodel's executable segment, once loaded */
 static unsigned long unlocks_before_found;
+
+enum { IDLE_SLEEP_NS = 1000 * 1000 };   /* a polling thread's pause while the device is idle */
+static int device_managed;  /* set once an engine reports its device use */
+static int device_users;    /* engine calls now using the device */
+
+void cmodel_yield_device_use(int delta) {
+    __atomic_store_n(&device_managed, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&device_users, delta, __ATOMIC_RELEASE);
+}
+
+/* The caller, a libcmodel thread, just polled: give the core away, or pause while nobody uses the device. */
+static void after_poll(void) {
+    if (!__atomic_load_n(&device_managed, __ATOMIC_RELAXED) || __atomic_load_n(&device_users, __ATOMIC_ACQUIRE) > 0) {
+        sched_yield();
+        return;
+    }
+    struct timespec pause = {0, IDLE_SLEEP_NS};
+    nanosleep(&pause, NULL);
+}
 
 static int find_cmodel_text(struct dl_phdr_info *info, size_t size, void *data) {
     (void)size;
@@ -59,6 +88,6 @@ int pthread_mutex_unlock(pthread_mutex_t *mutex) {
         return rc;
     }
     uintptr_t caller = (uintptr_t)__builtin_return_address(0);
-    if (caller >= __atomic_load_n(&cmodel_lo, __ATOMIC_RELAXED) && caller < hi) sched_yield();
+    if (caller >= __atomic_load_n(&cmodel_lo, __ATOMIC_RELAXED) && caller < hi) after_poll();
     return rc;
 }

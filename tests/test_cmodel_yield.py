@@ -66,3 +66,23 @@ def test_pipeline_answers_the_same_with_and_without_it(tiny_bmodel):
     assert yielding["answer"] == f"The background is {background}."
     # The re-exec took effect: on 2 cores the polling threads cost ~10x when they do not yield.
     assert yielding["ftl_s"] < plain["ftl_s"], (yielding, plain)
+
+
+@pytest.mark.slow
+def test_a_loaded_engine_that_runs_nothing_leaves_the_cores_alone(tiny_bmodel):
+    """Between calls (a server waiting for requests, a chat waiting for its user) the simulator's
+    polling threads sleep: the engine reports its device use to the preload (DeviceInUse)."""
+    script = ("import os, sys, time; from mllama_tpu.engines import open_engine; "
+              f"e = open_engine('bmodel', {str(tiny_bmodel('f32'))!r}, 0); "
+              "t0 = os.times(); time.sleep(2); t1 = os.times(); "
+              "print((t1.user - t0.user + t1.system - t0.system) / (t1.elapsed - t0.elapsed))")
+
+    def idle_cores(env: dict[str, str]) -> float:
+        r = subprocess.run([sys.executable, "-m", "mllama_tpu.cmodel_yield", "-c", script], env=env, cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return float(r.stdout.strip().splitlines()[-1])
+
+    spinning = idle_cores(env_without_preload(**{OPT_OUT: "0"}))
+    resting = idle_cores(env_without_preload())
+    assert resting < 0.2 and spinning > 5 * resting, (resting, spinning)
