@@ -20,6 +20,19 @@ TEST_SEQ_LENGTH = 128
 TEST_PREFILL_LENGTHS = (16, 64)
 
 
+# run_tests.sh runs the files on two workers (pytest-xdist, a file at a time, in this order):
+# the longest start first so that both workers finish together (docs/testing.md has the times).
+LONGEST_FIRST = ("test_sanitizers.py", "test_int4_accuracy.py", "test_compile.py", "test_export_full_dims.py",
+                 "test_real_vocab.py", "test_engine_bmodel.py", "test_cmodel_yield.py", "test_pipeline.py",
+                 "test_demo.py", "test_server_load.py", "test_server_api.py", "test_soak.py",
+                 "test_server_errors.py", "test_compile_cli.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     return TINY_MODEL
