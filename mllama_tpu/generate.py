@@ -46,9 +46,8 @@ class Generation:
 def generate_tokens(engine: Engine, prompt: PrefillInputs, eos_ids: Iterable[int], max_new_tokens: int,
                     out: Generation) -> Iterator[int]:
     """Yield each answer token as it comes (an EOS ends the answer and is not yielded); `out`
-    records tokens, times and why it stopped. A caller that stops early calls out.stop(reason)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    records tokens, times and why it stopped. A caller that stops early calls out.stop(reason).
+    max_new_tokens >= 1: the session checks it (session.check_max_new_tokens)."""
     eos = set(int(t) for t in eos_ids)
     t0 = time.perf_counter()
     token = engine.prefill(prompt)

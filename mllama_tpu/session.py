@@ -37,6 +37,24 @@ from mllama_tpu.token_config import check_token_config, default_token_config, op
 
 STOP_STRING = "stop"
 STOP_CANCELLED = "cancelled"
+# An answer's token limit when the user sets none: the CLI's --max_new_tokens and the server's
+# --default_max_tokens.
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+def check_max_new_tokens(n: int, name: str = "max_new_tokens") -> int:
+    """The one check of an answer limit (a CLI flag checks it at startup by its flag's name)."""
+    if n < 1:
+        raise UserError(f"{name} must be >= 1, got {n}")
+    return n
+
+
+def existing_model(model_path: str | Path) -> Path:
+    """The model path the user gave, or the one error for a missing one (CLI, server, session)."""
+    path = Path(model_path)
+    if not path.exists():
+        raise UserError(f"model {path} not found: pass a NAME.bmodel (or an export dir with --backend onnx)")
+    return path
 
 
 class EngineFailed(Exception):
@@ -63,10 +81,8 @@ class LoadedModel:
     def open(cls, backend: str, model_path: str | Path, token_config: str | Path | None = None,
              devid: int = 0, processor: Any | None = None) -> "LoadedModel":
         """Load the model; every bad input is a UserError (checked before the slow load where it can be)."""
-        model_path = Path(model_path)
-        if not model_path.exists():
-            raise UserError(f"model {model_path} not found: pass a NAME.bmodel (or an export dir with --backend onnx)")
-        token_config = Path(token_config) if token_config else default_token_config(model_path)
+        model_path = existing_model(model_path)
+        token_config = default_token_config(model_path, token_config)
         processor = processor if processor is not None else open_processor(token_config)
         engine = open_engine(backend, model_path, devid)
         try:
@@ -129,7 +145,7 @@ class LoadedModel:
 class TurnRequest:
     messages: list[dict]  # chat-template messages; at most one {"type": "image"} part in all
     image: Any | None = None  # the conversation's one image, 8-bit RGB (mllama_tpu.images)
-    max_new_tokens: int = 512
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()  # the answer ends before the first of these
 
@@ -176,8 +192,7 @@ def produce_turn(model: LoadedModel, request: TurnRequest,
                  cancelled: Callable[[], bool] | None = None) -> Iterator[TurnEvent]:
     """Run one turn. A refused request raises UserError before PromptAccepted; `cancelled` is
     polled between tokens and ends the turn at the next one."""
-    if request.max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+    check_max_new_tokens(request.max_new_tokens)
     n_images = image_parts(request.messages)
     if n_images > 1:
         raise UserError(f"the conversation has {n_images} images; the model takes one image per conversation")
@@ -291,7 +306,7 @@ class Turn:
 @dataclass
 class ChatSession:
     model: LoadedModel
-    max_new_tokens: int = 512
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     enable_history: bool = False
     sampling: SamplingParams = SamplingParams()
     image: Any | None = None

@@ -17,9 +17,11 @@ from mllama_tpu.inputs import assistant_message, load_processor, user_message
 EXTRA_EMBEDDING_ROWS = 8
 
 
-def default_token_config(model: Path) -> Path:
-    """The token_config/ beside the model (an export dir's own, or the one compile writes beside
-    the bmodel), else the repo's top-level token_config/."""
+def default_token_config(model: Path, given: str | Path | None = None) -> Path:
+    """`given` (the user's -t) if any, else the token_config/ beside the model (an export dir's
+    own, or the one compile writes beside the bmodel), else the repo's top-level token_config/."""
+    if given:
+        return Path(given)
     beside = model / "token_config" if model.is_dir() else model.parent / "token_config"
     return beside if beside.is_dir() else REPO_ROOT / "token_config"
 

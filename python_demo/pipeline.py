@@ -25,7 +25,8 @@ from mllama_tpu.engines import BACKENDS  # noqa: E402
 from mllama_tpu.errors import ArgumentParser, UserError, cli_main  # noqa: E402
 from mllama_tpu.images import load_image  # noqa: E402
 from mllama_tpu.sampling import GENERATION_MODES, SamplingParams  # noqa: E402
-from mllama_tpu.session import ChatSession, LoadedModel  # noqa: E402
+from mllama_tpu.session import (DEFAULT_MAX_NEW_TOKENS, ChatSession, LoadedModel, check_max_new_tokens,  # noqa: E402
+                                existing_model)
 from mllama_tpu.terminal import run_interactive, run_scripted  # noqa: E402
 from mllama_tpu.token_config import default_token_config, open_processor  # noqa: E402
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=d.top_k)
     p.add_argument("--repeat_penalty", type=float, default=d.repeat_penalty)
     p.add_argument("--repeat_last_n", type=int, default=d.repeat_last_n)
-    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--generation_mode", choices=GENERATION_MODES, default=d.mode)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the sampler (penalty_sample)")
     p.add_argument("--enable_history", action="store_true", help="later turns see the earlier ones")
@@ -61,19 +62,16 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    check_max_new_tokens(args.max_new_tokens, "--max_new_tokens")
     if args.json and not args.question:
         raise UserError("--json needs at least one -q QUESTION")
     if args.devid < 0:
         raise UserError(f"--devid {args.devid} is not a device id: use 0, 1, ...")
     sampling = sampling_from(args)
-    model = Path(args.model_path)
-    if not model.exists():
-        raise UserError(f"model {model} not found: pass a NAME.bmodel (or an export dir with --backend onnx)")
+    model = existing_model(args.model_path)
     # Everything that can be checked without the model first: loading it may take long.
     image = load_image(args.image_path) if args.image_path is not None else None
-    token_config = Path(args.tokenizer_path) if args.tokenizer_path else default_token_config(model)
+    token_config = default_token_config(model, args.tokenizer_path)
     processor = open_processor(token_config)
 
     loaded = LoadedModel.open(args.backend, model, token_config, args.devid, processor)

@@ -136,10 +136,8 @@ async def _until_started(job, request: Request) -> Started | None:
             started = event
         elif isinstance(event, PromptAccepted):
             return started
-        elif isinstance(event, Refused):
-            raise ApiError(400, event.message, "messages", "invalid_value")
-        elif isinstance(event, Failed):
-            raise ApiError(503, event.message, None, "engine_failed")
+        elif isinstance(event, (Refused, Failed)):
+            raise render.api_error(event)
 
 
 async def _unless_disconnected(awaitable, request: Request, poll_s: float = 0.1):

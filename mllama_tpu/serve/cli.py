@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from mllama_tpu.errors import ArgumentParser, UserError
+from mllama_tpu.session import DEFAULT_MAX_NEW_TOKENS, existing_model
 
 API_KEY_ENV = "MLLAMA_API_KEY"
 log = logging.getLogger("mllama_tpu.serve")
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_body_mb", type=float, default=16.0, help="request body limit (then 413)")
     p.add_argument("--max_image_pixels", type=int, default=4096 * 4096, help="image width x height limit")
     p.add_argument("--max_messages", type=int, default=64, help="messages per conversation limit")
-    p.add_argument("--default_max_tokens", type=int, default=512, help="answer limit when a request sets none")
+    p.add_argument("--default_max_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="answer limit when a request sets none")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -62,8 +63,7 @@ def _check(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be {'>= 0' if flag == 'max_queue' else '>= 1'}, got {getattr(args, flag)}")
     if args.max_body_mb <= 0:
         raise UserError(f"--max_body_mb must be > 0, got {args.max_body_mb}")
-    if not Path(args.model_path).exists():
-        raise UserError(f"model {args.model_path} not found: pass a NAME.bmodel (or an export dir with --backend onnx)")
+    existing_model(args.model_path)
 
 
 def is_loopback(host: str) -> bool:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if not is_loopback(args.host) and not api_key:
         log.warning("binding %s without an API key: anyone who reaches this address can use the model", args.host)
     model = Path(args.model_path)
-    token_config = Path(args.tokenizer_path) if args.tokenizer_path else default_token_config(model)
+    token_config = default_token_config(model, args.tokenizer_path)
     counter = PromptCounter(open_processor(token_config))  # checked before the slow engine loads
     models = []
     for d in devids:

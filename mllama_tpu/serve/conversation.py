@@ -23,7 +23,7 @@ from typing import Any
 from mllama_tpu.errors import UserError
 from mllama_tpu.inputs import count_prompt_tokens
 from mllama_tpu.sampling import SamplingParams
-from mllama_tpu.session import TurnRequest
+from mllama_tpu.session import DEFAULT_MAX_NEW_TOKENS, TurnRequest
 from mllama_tpu.serve.errors import ApiError
 from mllama_tpu.serve.image_url import image_from_url
 from mllama_tpu.serve.schema import ChatCompletionRequest, ImagePart, TextPart
@@ -33,7 +33,7 @@ from mllama_tpu.serve.schema import ChatCompletionRequest, ImagePart, TextPart
 class Limits:
     max_messages: int = 64
     max_image_pixels: int = 4096 * 4096
-    default_max_tokens: int = 512
+    default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def sampling_of(req: ChatCompletionRequest) -> SamplingParams:
         mode="penalty_sample",
         temperature=1.0 if req.temperature is None else float(req.temperature),
         top_p=1.0 if req.top_p is None else float(req.top_p),
-        top_k=req.top_k or 50,
+        top_k=req.top_k or SamplingParams.top_k,  # unset or 0: the default
         repeat_penalty=frequency_to_repeat_penalty(req.frequency_penalty or 0.0),
         seed=req.seed,
     )

@@ -10,11 +10,16 @@ import json
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from mllama_tpu.session import TextPiece, TurnDone
+from mllama_tpu.generate import STOP_EOS, STOP_MAX_NEW_TOKENS, STOP_SEQLEN
+from mllama_tpu.session import STOP_CANCELLED, STOP_STRING, TextPiece, TurnDone
 from mllama_tpu.serve.errors import ApiError, error_body
 from mllama_tpu.serve.pool import Failed, Job, Refused
 
-_FINISH = {"eos": "stop", "stop": "stop", "max_new_tokens": "length", "seqlen": "length"}
+# Every stop reason the session gives, by its owners' names: a new or renamed one fails here
+# (KeyError) instead of becoming "stop" unnoticed. A cancelled turn's client is gone; its
+# response, if one is still written, says "stop" as before.
+_FINISH = {STOP_EOS: "stop", STOP_STRING: "stop", STOP_CANCELLED: "stop",
+           STOP_MAX_NEW_TOKENS: "length", STOP_SEQLEN: "length"}
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,15 @@ class Meta:
 
 
 def finish_reason(stop_reason: str) -> str:
-    return _FINISH.get(stop_reason, "stop")
+    return _FINISH[stop_reason]
+
+
+def api_error(event: Refused | Failed) -> ApiError:
+    """The one mapping of a refused or failed turn to its error body, before the response
+    headers (app._until_started) and after them (the renderers) alike."""
+    if isinstance(event, Refused):
+        return ApiError(400, event.message, "messages", "invalid_value")
+    return ApiError(503, event.message, None, "engine_failed")
 
 
 def usage(done: TurnDone) -> dict:
@@ -45,10 +58,8 @@ async def _events(job: Job) -> AsyncIterator[TextPiece | TurnDone]:
         event = await job.next_event()
         if event is None:
             return
-        if isinstance(event, Failed):  # the same error as before the answer began (app._until_started)
-            raise ApiError(503, event.message, None, "engine_failed")
-        if isinstance(event, Refused):
-            raise ApiError(400, event.message)
+        if isinstance(event, (Failed, Refused)):
+            raise api_error(event)
         yield event
 
 
