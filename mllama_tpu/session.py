@@ -356,49 +356,45 @@ class ChatSession:
     def _request(self, convo: list[dict]) -> TurnRequest:
         return TurnRequest(convo, self.image, self.max_new_tokens, self.sampling)
 
+    def _fitting_conversation(self, question: str) -> tuple[list[dict], bool]:
+        """The conversation to send and whether it was restarted: the history (if kept) while it
+        leaves answer_room, else the question alone; a question too long alone is refused."""
+        history = self.messages if self.enable_history else []
+        convo = self._conversation(question, history)
+        tokens = self.model.count_prompt_tokens(convo)
+        if tokens + (self.answer_room if history else 0) <= self.model.seq_length:
+            return convo, False
+        if not history:
+            raise UserError(f"{PromptTooLong(tokens, self.model.seq_length)}: ask a shorter question")
+        return self._conversation(question, []), True
+
     def turn(self, question: str) -> Iterator[TurnEvent | Notice]:
-        """One turn's events; the history (if kept) grows by it once it is done."""
+        """One turn's events; the history (if kept) grows by it once it is done. A turn the
+        engine fails keeps nothing: the next one starts a new conversation (a history whose last
+        answer never came would not be the conversation the user had)."""
         question = question.strip()
         if not question:
             raise UserError("empty question: type a question")
-        history = self.messages if self.enable_history else []
-        convo = self._conversation(question, history)
-        restarted = False
-        try:
-            tokens = self.model.count_prompt_tokens(convo)
-            if tokens > self.model.seq_length or (history and tokens + self.answer_room > self.model.seq_length):
-                raise PromptTooLong(tokens, self.model.seq_length)
-        except PromptTooLong as e:
-            if not history:
-                raise UserError(f"{e}: ask a shorter question") from None
-            restarted, convo = True, self._conversation(question, [])
-        try:
-            events = _started(produce_turn(self.model, self._request(convo)))
-        except PromptTooLong as e:
-            self.messages = []
-            raise UserError(f"{e}: ask a shorter question" + (" (history cleared)" if restarted else "")) from None
-        except EngineFailed as e:
-            self._restart_after(e)
-        if restarted:
-            yield Notice(RESTART_NOTICE)
+        convo, restarted = self._fitting_conversation(question)
         done = None
         try:
+            events = _started(produce_turn(self.model, self._request(convo)))
+            if restarted:
+                yield Notice(RESTART_NOTICE)
             for event in events:
                 if isinstance(event, TurnDone):
                     done = event
                 yield event
+        except PromptTooLong as e:
+            self.messages = []
+            raise UserError(f"{e}: ask a shorter question" + (" (history cleared)" if restarted else "")) from None
         except EngineFailed as e:
-            self._restart_after(e)
-        if done is not None and self.enable_history:
+            self.messages = []
+            raise UserError(f"{e}; {ENGINE_FAILED_ADVICE}") from None
+        if self.enable_history:
             self.messages = convo + [assistant_message(done.answer)]
-        if done is not None and (notice := stop_notice(done)):
+        if notice := stop_notice(done):
             yield Notice(notice)
-
-    def _restart_after(self, failure: EngineFailed) -> None:
-        """A turn the engine failed: nothing of it is kept, the next turn starts a new conversation
-        (a history whose last answer never came would not be the conversation the user had)."""
-        self.messages = []
-        raise UserError(f"{failure}; {ENGINE_FAILED_ADVICE}") from None
 
     def ask(self, question: str) -> Turn:
         """One whole turn (the scripted front ends and tests)."""
