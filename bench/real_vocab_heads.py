@@ -146,13 +146,13 @@ def measure(bmodel: Path, tokens: int) -> dict:
             else:
                 engine.set_sampling(SamplingParams("penalty_sample", temperature=0.8, top_p=0.9, top_k=40, repeat_penalty=1.2,
                                     repeat_last_n=32, seed=1))
-            engine._e.net_stats(True)
+            engine.native.net_stats(True)
             token = engine.prefill(p)
             t0 = time.perf_counter()
             for _ in range(tokens - 1):
                 token = engine.decode(token)
             decode_s = time.perf_counter() - t0
-            stats = {n: (int(runs), float(ms)) for n, (runs, ms) in engine._e.net_stats(True).items()}
+            stats = {n: (int(runs), float(ms)) for n, (runs, ms) in engine.native.net_stats(True).items()}
             out[mode] = {"decode_tokens_per_s": (tokens - 1) / decode_s, "nets": stats}
         return out
     finally:

@@ -39,7 +39,7 @@ def test_compile_builds_and_the_engine_loads_exactly_the_contract(tiny_onnx_dir,
     layers = m["layers"]
     engine = BmodelEngine(tiny_bmodel("f32"))
     try:
-        assert set(engine._e.net_names()) == set(contract.net_names(layers, m["prefill_lengths"]))
+        assert set(engine.native.net_names()) == set(contract.net_names(layers, m["prefill_lengths"]))
         assert engine.prefill_lengths == tuple(m["prefill_lengths"])
         for net in contract.net_names(layers, m["prefill_lengths"]):
             ins, outs = contract.net_io(net, layers)

@@ -129,7 +129,7 @@ def test_device_masks_are_the_python_definition(engine, processor, case):
                        engine.num_patches, engine.max_tiles)
     engine.set_sampling(SamplingParams())
     engine.decode(engine.prefill(p))
-    cross, rows = engine._e.decode_cross_masks()
+    cross, rows = engine.native.decode_cross_masks()
     if p.has_image:
         assert np.array_equal(np.asarray(cross, np.float32), p.decode_cross_attention_mask.ravel())
         assert np.array_equal(np.asarray(rows, np.float32), p.decode_text_row_mask.ravel())
@@ -137,7 +137,7 @@ def test_device_masks_are_the_python_definition(engine, processor, case):
         assert len(cross) == len(rows) == 0
     seq = engine.seq_length
     for filled in sorted({0, 1, p.num_tokens, engine.position, seq - 1, seq}):
-        assert np.array_equal(np.asarray(engine._e.decode_self_mask(filled), np.float32),
+        assert np.array_equal(np.asarray(engine.native.decode_self_mask(filled), np.float32),
                               decode_self_mask(filled, seq).ravel()), filled
 
 
@@ -207,14 +207,14 @@ def test_image_prompt_needs_an_encoded_image(engine, processor):
 
 def test_wrong_input_size_is_a_value_error(engine):
     with pytest.raises(ValueError, match="takes"):
-        engine._e.encode_image(np.zeros(7, np.float32), np.zeros(1, np.int32), np.zeros(4, np.int32))
+        engine.native.encode_image(np.zeros(7, np.float32), np.zeros(1, np.int32), np.zeros(4, np.int32))
     chunk = prefill_inputs(np.arange(40) + 10, engine.seq_length, 0).chunk(0, 20, 32)
     with pytest.raises(ValueError, match="no step net of 32 tokens"):
-        engine._e.prefill_chunk(chunk)
+        engine.native.prefill_chunk(chunk)
     chunk = prefill_inputs(np.arange(40) + 10, engine.seq_length, 0).chunk(30, 10, 16)
     chunk.offset = engine.seq_length - 4  # past the cache's end
     with pytest.raises(ValueError, match="does not fit"):
-        engine._e.prefill_chunk(chunk)
+        engine.native.prefill_chunk(chunk)
 
 
 def test_simulator_debug_output_stays_off_stdout(bmodel_path, tmp_path):
