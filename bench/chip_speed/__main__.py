@@ -182,7 +182,7 @@ def run_scenarios(args: argparse.Namespace, dims, ckpt: Path, work: Path, ours_f
 
     from . import build_cost
     from . import scenarios as sc_mod
-    from .report import CROSS, SELF
+    from .report import SELF
 
     def reads_history(net: str) -> bool:
         ln = layer_of(net)

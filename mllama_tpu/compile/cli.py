@@ -16,7 +16,7 @@ import sys
 from mllama_tpu.compile.combine import CombineError
 from mllama_tpu.compile.jobs import JobFailed
 from mllama_tpu.compile.policy import CHIPS, MODES
-from mllama_tpu.errors import ArgumentParser, UserError, cli_main
+from mllama_tpu.errors import ArgumentParser, cli_main
 
 
 ENV_HELP = """environment:
