@@ -16,9 +16,9 @@ from typing import Iterator
 import httpx
 
 from mllama_tpu import REPO_ROOT
+from cli_runs import json_turns, run_pipeline
 from mllama_tpu.serve.child import SERVER, data_url, free_port, server_child, user_message  # noqa: F401
 
-PIPELINE = REPO_ROOT / "python_demo" / "pipeline.py"
 SAMPLES = REPO_ROOT / "assets" / "samples"
 TRUTH = json.loads((SAMPLES / "truth.json").read_text())
 KEY = "test-key-0123456789"
@@ -83,14 +83,14 @@ def pipeline_turns(backend: str, model: Path, questions: list[str], image: Path 
 @functools.lru_cache(maxsize=None)
 def _pipeline_turns(backend: str, model: Path, questions: tuple[str, ...], image: Path | None,
                     flags: tuple[str, ...]) -> list[dict]:
-    cmd = [sys.executable, str(PIPELINE), "--backend", backend, "-m", str(model), "--json", *flags]
+    args = ["--backend", backend, "-m", str(model), "--json", *flags]
     if image is not None:
-        cmd += ["-i", str(image)]
+        args += ["-i", str(image)]
     for q in questions:
-        cmd += ["-q", q]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=1800)
+        args += ["-q", q]
+    r = run_pipeline(*args, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
-    turns = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"question"')]
+    turns = json_turns(r.stdout)
     assert [t["question"] for t in turns] == list(questions), r.stdout
     return turns
 

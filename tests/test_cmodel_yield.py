@@ -4,7 +4,6 @@ and changing nothing the simulator computes.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 from mllama_tpu import REPO_ROOT
 from mllama_tpu.cmodel_yield import OPT_OUT, PRELOAD
+from cli_runs import json_turns, run_pipeline
 
 MAPS_HAVE_PRELOAD = f"import os; print('{PRELOAD}' in open('/proc/self/maps').read(), os.environ.get('LD_PRELOAD', ''))"
 
@@ -52,13 +52,13 @@ def test_pipeline_answers_the_same_with_and_without_it(tiny_bmodel):
     """pipeline.py re-execs itself with the preload; the tokens are the simulator's either way."""
     image = REPO_ROOT / "assets" / "samples" / "green_square_left_on_red_2x2.png"
     background = image.stem.split("_on_")[1].split("_")[0]  # the sample's name says what it shows
-    cmd = [sys.executable, str(REPO_ROOT / "python_demo" / "pipeline.py"), "-m", str(tiny_bmodel("f32")), "-i", str(image),
-           "-q", "What color is the background?", "--max_new_tokens", "8", "--json"]
+    args = ["-m", str(tiny_bmodel("f32")), "-i", str(image), "-q", "What color is the background?",
+            "--max_new_tokens", "8", "--json"]
 
     def turn(env: dict[str, str]) -> dict:
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        r = run_pipeline(*args, env=env, timeout=900)
         assert r.returncode == 0, r.stderr[-2000:]
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        return json_turns(r.stdout)[-1]
 
     plain = turn(env_without_preload(**{OPT_OUT: "0"}))
     yielding = turn(env_without_preload())

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 
 from mllama_tpu import REPO_ROOT
 from tests.conftest import TEST_PREFILL_LENGTHS
+from cli_runs import one_error_line
 
 COMPILE = str(REPO_ROOT / "compile" / "compile.sh")
 RUN_COMPILE = str(REPO_ROOT / "compile" / "run_compile.sh")
@@ -32,16 +33,6 @@ SEQ = 128
 
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def compile_args(onnx_dir: Path, out: Path, mode: str = "f32", *extra: str) -> list[str]:

@@ -10,6 +10,7 @@ import pytest
 
 from mllama_tpu import REPO_ROOT
 from mllama_tpu.export.random_checkpoint import tiny_config, write_random_checkpoint
+from cli_runs import one_error_line
 
 CLI = REPO_ROOT / "compile" / "export_onnx.py"
 
@@ -35,49 +36,41 @@ def broken_copy(src: Path, dst: Path, drop: str | None = None, config: dict | No
     return dst
 
 
-def assert_user_error(res: subprocess.CompletedProcess, *words: str) -> None:
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2, res.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
 def test_missing_model_dir(tmp_path):
-    assert_user_error(export_cli("-m", tmp_path / "nope", "-s", "16", "-f", tmp_path / "out"), "nope", "does not exist")
+    one_error_line(export_cli("-m", tmp_path / "nope", "-s", "16", "-f", tmp_path / "out"), "nope", "does not exist")
 
 
 def test_not_mllama(tmp_path, model_dir):
     llama = {"model_type": "llama", "hidden_size": 64}
     bad = broken_copy(model_dir, tmp_path / "llama", config=llama)
-    assert_user_error(export_cli("-m", bad, "-s", "16", "-f", tmp_path / "out"), "not a Mllama")
+    one_error_line(export_cli("-m", bad, "-s", "16", "-f", tmp_path / "out"), "not a Mllama")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(export_cli("-m", empty, "-s", "16", "-f", tmp_path / "out"), "config.json")
+    one_error_line(export_cli("-m", empty, "-s", "16", "-f", tmp_path / "out"), "config.json")
 
 
 def test_missing_shard(tmp_path, model_dir):
     shard = sorted(model_dir.glob("*.safetensors"))[-1].name
     bad = broken_copy(model_dir, tmp_path / "partial", drop=shard)
-    assert_user_error(export_cli("-m", bad, "-s", "16", "-f", tmp_path / "out"), shard, "missing")
+    one_error_line(export_cli("-m", bad, "-s", "16", "-f", tmp_path / "out"), shard, "missing")
 
 
 @pytest.mark.parametrize("seq,words", [("abc", ["not an integer"]), ("0", ["positive"]), ("-3", ["positive"]),
                                        ("4096", ["max_position_embeddings", "2048"])])
 def test_bad_seq_length(tmp_path, model_dir, seq, words):
-    assert_user_error(export_cli("-m", model_dir, "-s", seq, "-f", tmp_path / "out"), *words)
+    one_error_line(export_cli("-m", model_dir, "-s", seq, "-f", tmp_path / "out"), *words)
 
 
 @pytest.mark.parametrize("lengths,words", [("1,8", ["at least 2"]), ("8,x", ["not a list of integers"]), ("", ["not a list"])])
 def test_bad_prefill_lengths(tmp_path, model_dir, lengths, words):
-    assert_user_error(export_cli("-m", model_dir, "-s", "16", "-f", tmp_path / "out", "--prefill_lengths", lengths),
+    one_error_line(export_cli("-m", model_dir, "-s", "16", "-f", tmp_path / "out", "--prefill_lengths", lengths),
                       "prefill_lengths", *words)
 
 
 def test_unwritable_output(tmp_path, model_dir):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a directory should go")  # root ignores chmod, so block with a file
-    assert_user_error(export_cli("-m", model_dir, "-s", "16", "-f", blocker / "out"), "not writable")
+    one_error_line(export_cli("-m", model_dir, "-s", "16", "-f", blocker / "out"), "not writable")
 
 
 def test_resume_keeps_finished_and_replaces_corrupted(tmp_path, model_dir):

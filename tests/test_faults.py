@@ -28,7 +28,8 @@ import pytest
 from mllama_tpu import REPO_ROOT
 from mllama_tpu.engines.bmodel import ENGINE_DIR
 from mllama_tpu.export.onnx_io import sha256_file
-from serving import PIPELINE, SAMPLES, TRUTH, pipeline_turns, running_server, user_turn
+from cli_runs import PIPELINE, json_turns, run_pipeline
+from serving import SAMPLES, TRUTH, pipeline_turns, running_server, user_turn
 from tests.conftest import TEST_PREFILL_LENGTHS
 
 EXPORT_CLI = REPO_ROOT / "compile" / "export_onnx.py"
@@ -142,12 +143,9 @@ def fault_env(shim: Path, **plans: str) -> dict[str, str]:
 
 def pipeline_json(model: Path, questions: list[str], *flags: str, env: dict | None = None):
     """(turns, stderr, returncode) of one fresh `pipeline.py --json` run with the image."""
-    cmd = [sys.executable, str(PIPELINE), "-m", str(model), "-i", str(IMAGE), "--json", *flags]
-    for q in questions:
-        cmd += ["-q", q]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600, env=env)
-    turns = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"question"')]
-    return turns, r.stderr, r.returncode
+    r = run_pipeline("-m", str(model), "-i", str(IMAGE), "--json", *flags, *sum([["-q", q] for q in questions], []),
+                     timeout=600, env=env)
+    return json_turns(r.stdout), r.stderr, r.returncode
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ re-runs all of them on the bmodel engine.
 from __future__ import annotations
 
 import io
-import json
 import os
 import pty
 import select
@@ -31,8 +30,8 @@ from mllama_tpu.token_config import open_processor
 from mllama_tpu.engines import Engine, SamplingParams, open_engine
 from mllama_tpu.errors import UserError
 from mllama_tpu.tiny import data
+from cli_runs import PIPELINE, json_turns, one_error_line, run_pipeline
 
-PIPELINE = REPO_ROOT / "python_demo" / "pipeline.py"
 QUESTION = "What shape is it?"
 
 BACKENDS = ["onnx", pytest.param("bmodel", marks=pytest.mark.slow)]
@@ -127,15 +126,6 @@ def images(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
-    if timeout is None:  # the simulator runs a net in seconds, not milliseconds
-        timeout = 2400 if "bmodel" in args else 300
-    return subprocess.run(
-        [sys.executable, str(PIPELINE), *args],
-        input=stdin, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
-    )
-
-
 def long_question(session: ChatSession, prompt_tokens: int) -> str:
     """A question whose prompt (template included) has exactly `prompt_tokens` tokens."""
     words = ["red"]
@@ -154,18 +144,13 @@ def long_question(session: ChatSession, prompt_tokens: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def json_lines(stdout: str) -> list[dict]:
-    # Only the turn lines: a device runtime may log to stdout too.
-    return [json.loads(l) for l in stdout.splitlines() if l.startswith('{"question"')]
-
-
 def test_scripted_json(backend, model_path, images, reference_engine, token_config):
     questions = [QUESTION, "What color is the background?"]
     n = 6 if backend == "onnx" else 3
     args = ["--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", str(n)]
-    r = run_cli(*args, "--enable_history", *sum([["-q", q] for q in questions], []), "--json")
+    r = run_pipeline(*args, "--enable_history", *sum([["-q", q] for q in questions], []), "--json")
     assert r.returncode == 0, r.stderr
-    lines = json_lines(r.stdout)
+    lines = json_turns(r.stdout)
     assert [l["question"] for l in lines] == questions
     for l in lines:
         assert set(l) == {"question", "answer", "tokens", "ftl_s", "tps"}
@@ -184,12 +169,12 @@ def test_cli_sampling_flags(backend, model_path, images):
     args = ["--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "3",
             "--generation_mode", "penalty_sample", "--temperature", "1.5", "--top_p", "0.95", "--top_k", "20",
             "--repeat_penalty", "1.2", "--repeat_last_n", "8", "--seed", "11", "-q", QUESTION, "-q", QUESTION, "--json"]
-    runs = [run_cli(*args) for _ in range(2)]
+    runs = [run_pipeline(*args) for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
-    tokens = [[l["tokens"] for l in json_lines(r.stdout)] for r in runs]
+    tokens = [[l["tokens"] for l in json_turns(r.stdout)] for r in runs]
     assert len(tokens[0]) == 2
     assert tokens[0] == tokens[1]  # same seed, same answers, turn by turn
-    bad = run_cli("--backend", backend, "-m", str(model_path), "--temperature", "-1", "-q", QUESTION)
+    bad = run_pipeline("--backend", backend, "-m", str(model_path), "--temperature", "-1", "-q", QUESTION)
     assert bad.returncode == 2 and bad.stderr.startswith("error: temperature must be >= 0")
 
 
@@ -209,7 +194,7 @@ def test_interactive_over_stdin(backend, model_path, images):
         "quit",
         "never asked",
     ]) + "\n"
-    r = run_cli("--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "3", stdin=script)
+    r = run_pipeline("--backend", backend, "-m", str(model_path), "-i", str(images["rgb"]), "--max_new_tokens", "3", stdin=script)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert out.count("Question: ") == 9  # every line but the 3 image paths, up to quit
@@ -267,11 +252,7 @@ def test_bad_inputs_at_startup(backend, model_path, images, tmp_path, token_conf
         "unknown_flag": (base + ["--temprature", "0.5", "-q", QUESTION], "unrecognized arguments"),
     }
     for name, (args, words) in cases.items():
-        r = run_cli(*args)
-        assert r.returncode == 2, (name, r.stdout, r.stderr)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (name, r.stderr)
-        assert "Traceback" not in r.stderr
+        one_error_line(run_pipeline(*args), words)
 
 
 def test_token_config_of_another_model_is_refused(engine, token_config, tmp_path):
@@ -289,7 +270,7 @@ def test_token_config_of_another_model_is_refused(engine, token_config, tmp_path
 
 @pytest.mark.slow
 def test_missing_device_is_one_line(tiny_bmodel):
-    r = run_cli("--backend", "bmodel", "-m", str(tiny_bmodel("f32")), "--devid", "97", "-q", QUESTION)
+    r = run_pipeline("--backend", "bmodel", "-m", str(tiny_bmodel("f32")), "--devid", "97", "-q", QUESTION)
     assert r.returncode == 2
     # The simulator's runtime may chatter on stderr; ours is one line and no traceback.
     errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from cli_runs import one_error_line
 from serving import KEY, SAMPLES, SERVER, data_url, running_server, user_turn
 
 IMAGE = SAMPLES / "white_triangle_left_on_yellow_1x1.png"
@@ -169,5 +170,4 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
 def test_bad_flags_are_one_line_before_the_port_is_bound(flags, words):
     args = ["-m", str(IMAGE)] + flags  # any existing path passes the model check; flags fail first
     r = subprocess.run([sys.executable, str(SERVER), *args], capture_output=True, text=True, timeout=120)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
+    one_error_line(r, words)
