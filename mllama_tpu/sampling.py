@@ -18,7 +18,9 @@ GENERATION_MODES = ("greedy", "penalty_sample")
 @dataclass(frozen=True)
 class SamplingParams:
     """penalty_sample: repeat penalty over the last repeat_last_n ids, top-k, temperature, top-p
-    on the model's head, then a seeded draw on the host. Temperature 0 means greedy."""
+    on the model's head, then a seeded draw on the host. Temperature 0 means greedy. An impossible
+    setting cannot be built: the constructor raises a UserError saying which, so the CLI, the
+    session, the server and the engines all refuse it in these words, once."""
 
     mode: str = "greedy"
     temperature: float = 1.0
@@ -28,8 +30,7 @@ class SamplingParams:
     repeat_last_n: int = 32
     seed: int | None = None
 
-    def validated(self) -> "SamplingParams":
-        """self, or a UserError saying which setting is impossible."""
+    def __post_init__(self) -> None:
         if self.mode not in GENERATION_MODES:
             raise UserError(f"generation mode {self.mode!r} is not one of {', '.join(GENERATION_MODES)}")
         if not self.temperature >= 0:
@@ -44,7 +45,6 @@ class SamplingParams:
             raise UserError(f"repeat_last_n must be >= 0 (0: no repeat penalty), got {self.repeat_last_n}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise UserError(f"seed must be in 0..2**63-1, got {self.seed}")
-        return self
 
     @property
     def sample(self) -> bool:

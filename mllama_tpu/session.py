@@ -49,6 +49,14 @@ def check_max_new_tokens(n: int, name: str = "max_new_tokens") -> int:
     return n
 
 
+def too_many_images(n_images: int, where: str = "") -> str:
+    """The one refusal of a second image in a conversation (the session's UserError, the
+    server's 400 with the parts' places as `where`)."""
+    at = f" ({where})" if where else ""
+    return (f"the conversation has {n_images} images{at}; the model takes one image per conversation: "
+            "start a new conversation for another image")
+
+
 def existing_model(model_path: str | Path) -> Path:
     """The model path the user gave, or the one error for a missing one (CLI, server, session)."""
     path = Path(model_path)
@@ -195,7 +203,7 @@ def produce_turn(model: LoadedModel, request: TurnRequest,
     check_max_new_tokens(request.max_new_tokens)
     n_images = image_parts(request.messages)
     if n_images > 1:
-        raise UserError(f"the conversation has {n_images} images; the model takes one image per conversation")
+        raise UserError(too_many_images(n_images))
     if n_images and request.image is None:
         raise UserError("the conversation has an image part but no image was given")
     if request.image is not None and not n_images:
@@ -205,11 +213,10 @@ def produce_turn(model: LoadedModel, request: TurnRequest,
         # The tokenizer would read it as a second image slot (transformers' masks then disagree).
         raise UserError(f"a message's text contains {image_token}, the model's image token: remove it "
                         "(the image is placed by its image part)")
-    sampling = request.sampling.validated()
     with _engine_step(model, "encoding the image"):
         image = model.use_image(request.image)
     prompt = model.prompt(request.messages, image)
-    model.engine.set_sampling(sampling)
+    model.engine.set_sampling(request.sampling)
     yield PromptAccepted(prompt.num_tokens)
 
     stream = TextStream(model.tokenizer, request.stop)
@@ -318,7 +325,7 @@ class ChatSession:
         return self.model.engine
 
     def set_sampling(self, params: SamplingParams) -> None:
-        self.sampling = params.validated()
+        self.sampling = params
 
     def set_image(self, path: str | Path | None, image: Any | None = None) -> None:
         """Load (unless `image` is that file, already loaded) and encode a new image; None: text

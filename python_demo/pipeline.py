@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(args.generation_mode, args.temperature, args.top_p, args.top_k,
-                          args.repeat_penalty, args.repeat_last_n, args.seed).validated()
+                          args.repeat_penalty, args.repeat_last_n, args.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

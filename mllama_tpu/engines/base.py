@@ -118,7 +118,7 @@ class Engine(ABC):
 
     def set_sampling(self, params: SamplingParams) -> None:
         """Greedy or penalty sampling for the following tokens; the draw is seeded by params.seed."""
-        self.sampling = params.validated()
+        self.sampling = params
         self._rng = np.random.default_rng(params.seed)
 
     @property

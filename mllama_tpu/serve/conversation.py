@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mllama_tpu.errors import UserError
-from mllama_tpu.inputs import count_prompt_tokens
+from mllama_tpu.inputs import PromptTooLong, count_prompt_tokens
 from mllama_tpu.sampling import SamplingParams
-from mllama_tpu.session import DEFAULT_MAX_NEW_TOKENS, TurnRequest
+from mllama_tpu.session import DEFAULT_MAX_NEW_TOKENS, TurnRequest, too_many_images
 from mllama_tpu.serve.errors import ApiError
 from mllama_tpu.serve.image_url import image_from_url
 from mllama_tpu.serve.schema import ChatCompletionRequest, ImagePart, TextPart
@@ -85,16 +85,15 @@ def sampling_of(req: ChatCompletionRequest) -> SamplingParams:
     samples = bool(req.temperature) or req.top_p not in (None, 1, 1.0) or bool(req.frequency_penalty)
     if not samples:
         return SamplingParams()
-    params = SamplingParams(
-        mode="penalty_sample",
-        temperature=1.0 if req.temperature is None else float(req.temperature),
-        top_p=1.0 if req.top_p is None else float(req.top_p),
-        top_k=req.top_k or SamplingParams.top_k,  # unset or 0: the default
-        repeat_penalty=frequency_to_repeat_penalty(req.frequency_penalty or 0.0),
-        seed=req.seed,
-    )
     try:
-        return params.validated()
+        return SamplingParams(
+            mode="penalty_sample",
+            temperature=1.0 if req.temperature is None else float(req.temperature),
+            top_p=1.0 if req.top_p is None else float(req.top_p),
+            top_k=req.top_k or SamplingParams.top_k,  # unset or 0: the default
+            repeat_penalty=frequency_to_repeat_penalty(req.frequency_penalty or 0.0),
+            seed=req.seed,
+        )
     except UserError as e:
         raise ApiError(400, str(e), None, "invalid_value") from None
 
@@ -119,8 +118,7 @@ def template_messages(req: ChatCompletionRequest, limits: Limits):
                    for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
     if len(image_parts) > 1:
         where = ", ".join(f"messages[{i}].content[{j}]" for i, j in image_parts)
-        raise ApiError(400, f"the conversation has {len(image_parts)} images ({where}); the model takes one image "
-                       "per conversation: start a new conversation for another image", "messages", "too_many_images")
+        raise ApiError(400, too_many_images(len(image_parts), where), "messages", "too_many_images")
     messages, image = [], None
     for i, m in enumerate(req.messages):
         role = "system" if m.role == "developer" else m.role
@@ -155,8 +153,9 @@ def prepare_turn(req: ChatCompletionRequest, count: PromptCounter, seq: int, ser
     prompt_tokens = count(messages)
     room = seq - prompt_tokens
     if room < 1:
-        raise ApiError(400, f"the prompt has {prompt_tokens} tokens, the model's limit is {seq} (prompt and answer "
-                       "together): shorten the conversation", "messages", "context_length_exceeded")
+        # The answer needs one place of its own here: a request always gets at least one token.
+        raise ApiError(400, f"{PromptTooLong(prompt_tokens, seq)} (prompt and answer together): shorten the "
+                       "conversation", "messages", "context_length_exceeded")
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     if asked is not None and asked > room:
