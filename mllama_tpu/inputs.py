@@ -189,6 +189,9 @@ def assistant_message(answer: str) -> dict:
 def process(processor: Any, messages: Sequence[dict], image: Any | None) -> dict[str, np.ndarray]:
     """Run the processor on a conversation (and its image, if any) as Mllama expects it.
 
+    Test-only: the processor's whole path, the reference that the runtime's own path (the image
+    tiled once, `prepare_image` + `prompt_features`) is checked against.
+
     The chat template already writes <|begin_of_text|>, so the tokenizer must not add it again.
     Returns numpy arrays: input_ids [1,L], and for an image pixel_values [1,1,T,3,S,S],
     aspect_ratio_ids [1,1], aspect_ratio_mask [1,1,T], cross_attention_mask [1,L,1,T].

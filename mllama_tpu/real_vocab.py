@@ -1,4 +1,5 @@
 """A random Mllama with Llama 3.2's published tokenizer: the real 128256-id vocabulary at tiny dims.
+For the tests and benchmarks (tests/test_real_vocab.py, bench/real_vocab_heads.py).
 
 The tiny model's 384 ids hide what a real vocabulary costs (the token heads, lm_head, the
 embedding table) and what it brings (multi-byte UTF-8 pieces, three EOS ids, `<|image|>` past
